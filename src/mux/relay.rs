@@ -1,0 +1,189 @@
+//! Pumping bytes between a local socket and one mux stream.
+//!
+//! Two halves run together: *up* reads the local socket, spends credit and
+//! sends DATA (FIN at EOF); *down* writes inbound DATA to the socket and
+//! returns credit after each write (shutting the socket's write side at the
+//! peer's FIN). The stream ends cleanly once both halves have finished;
+//! any error, a reset from the peer, or cancellation resets it instead.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use super::frame::RstCode;
+use super::session::{Inbound, MuxStream};
+
+/// Live byte counters of one tunnel, readable while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Bytes read from the local socket and sent into the tunnel.
+    pub sent: AtomicU64,
+    /// Bytes received from the tunnel and written to the local socket.
+    pub received: AtomicU64,
+}
+
+impl RelayStats {
+    /// `(sent, received)` right now.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides sent FIN: a clean close.
+    Closed,
+    /// The local socket failed.
+    LocalError(String),
+    /// The peer reset the stream.
+    PeerReset(RstCode),
+    /// The mux session went away.
+    SessionLost,
+    /// Cancelled (operator kill, policy change, shutdown).
+    Killed,
+}
+
+impl RelayEnd {
+    /// A short label for logs and audit.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::LocalError(_) => "local-error",
+            RelayEnd::PeerReset(RstCode::Killed) => "peer-killed",
+            RelayEnd::PeerReset(_) => "peer-reset",
+            RelayEnd::SessionLost => "agent-link-lost",
+            RelayEnd::Killed => "killed",
+        }
+    }
+}
+
+/// Relay between `io` and `stream` until both directions are done.
+///
+/// `initial` holds bytes already read from `io` (sent first). `stats` is
+/// updated as bytes move. Returns how the relay ended.
+pub async fn relay<IO>(
+    stream: MuxStream,
+    io: IO,
+    initial: Bytes,
+    cancel: CancellationToken,
+    stats: Arc<RelayStats>,
+) -> RelayEnd
+where
+    IO: AsyncRead + AsyncWrite + Send,
+{
+    let chunk = stream.chunk();
+    let MuxStream {
+        id,
+        mux,
+        mut inbound,
+        credit,
+        ..
+    } = stream;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let session_gone = mux.cancelled();
+
+    let up = {
+        let mux = mux.clone();
+        let stats = stats.clone();
+        async move {
+            let mut pending = initial;
+            let mut buf = BytesMut::with_capacity(chunk);
+            loop {
+                if pending.is_empty() {
+                    buf.reserve(chunk);
+                    let n = rd
+                        .read_buf(&mut (&mut buf).limit(chunk))
+                        .await
+                        .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
+                    if n == 0 {
+                        // FIN takes the data path so it cannot overtake
+                        // this stream's queued DATA.
+                        mux.send_fin(id).await.map_err(|_| RelayEnd::SessionLost)?;
+                        return Ok(());
+                    }
+                    pending = buf.split().freeze();
+                }
+                let data = pending.split_to(pending.len().min(chunk));
+                let n = data.len();
+                credit
+                    .acquire_many(n as u32)
+                    .await
+                    .map_err(|_| RelayEnd::SessionLost)?
+                    .forget();
+                mux.send_data(id, data)
+                    .await
+                    .map_err(|_| RelayEnd::SessionLost)?;
+                stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    };
+
+    let down = {
+        let mux = mux.clone();
+        let stats = stats.clone();
+        async move {
+            let window = mux.window();
+            let threshold = (window / 4).max(1);
+            let mut unacked: u32 = 0;
+            loop {
+                match inbound.recv().await {
+                    Some(Inbound::Data(b)) => {
+                        wr.write_all(&b)
+                            .await
+                            .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
+                        if inbound.is_empty() {
+                            wr.flush()
+                                .await
+                                .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
+                        }
+                        let n = b.len() as u32;
+                        stats.received.fetch_add(u64::from(n), Ordering::Relaxed);
+                        unacked += n;
+                        if unacked >= threshold {
+                            mux.grant(id, unacked);
+                            unacked = 0;
+                        }
+                    }
+                    Some(Inbound::Fin) => {
+                        // The peer is done sending; pass the half-close on.
+                        let _ = wr.shutdown().await;
+                        return Ok(());
+                    }
+                    Some(Inbound::Rst(code)) => return Err(RelayEnd::PeerReset(code)),
+                    None => return Err(RelayEnd::SessionLost),
+                }
+            }
+        }
+    };
+
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let (mut up_done, mut down_done) = (false, false);
+    let end = loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => { up_done = true; if down_done { break RelayEnd::Closed } }
+                Err(e) => break e,
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => { down_done = true; if up_done { break RelayEnd::Closed } }
+                Err(e) => break e,
+            },
+            _ = cancel.cancelled() => break RelayEnd::Killed,
+            _ = session_gone.cancelled() => break RelayEnd::SessionLost,
+        }
+    };
+    match &end {
+        RelayEnd::Closed | RelayEnd::PeerReset(_) | RelayEnd::SessionLost => mux.remove(id),
+        RelayEnd::Killed => mux.reset(id, RstCode::Killed),
+        RelayEnd::LocalError(_) => mux.reset(id, RstCode::Cancel),
+    }
+    end
+}
