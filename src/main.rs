@@ -1,1 +1,196 @@
-fn main() {}
+//! `maintgate`: the thin command-line front of the library.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use maintgate::agent::{AgentOverrides, AgentSettings};
+use maintgate::broker::Broker;
+use maintgate::config::{read_toml, BrokerFile};
+use maintgate::manage;
+use maintgate::store::{self, sqlite::SqliteStore};
+
+#[derive(Parser)]
+#[command(name = "maintgate", version, about = "Remote-support broker and site agent")]
+struct Cli {
+    /// Config file (broker config for serve and store commands, agent
+    /// config for agent).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory holding the store [default: ./data].
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker.
+    Serve {
+        /// Proxy/PAC/agent listener [default: 0.0.0.0:6443].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin listener [default: 127.0.0.1:7080].
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// The maint domain [default: maint.localhost].
+        #[arg(long)]
+        domain: Option<String>,
+        /// Certificate directory [default: ./certs].
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+    },
+    /// Run the site agent.
+    Agent {
+        /// wss://host:port/agent
+        #[arg(long)]
+        broker: Option<String>,
+        /// File holding the agent token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// CA certificate to trust instead of the system roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Manage proxy accounts.
+    #[command(subcommand)]
+    Account(manage::AccountCmd),
+    /// Manage customers.
+    #[command(subcommand)]
+    Customer(manage::CustomerCmd),
+    /// Manage systems and agent tokens.
+    #[command(subcommand)]
+    System(manage::SystemCmd),
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn broker_file(cli: &Cli) -> Result<BrokerFile> {
+    Ok(match &cli.config {
+        Some(p) => read_toml(p)?,
+        None => BrokerFile::default(),
+    })
+}
+
+fn data_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(d) = &cli.data_dir {
+        return Ok(d.clone());
+    }
+    Ok(broker_file(cli)?
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("data")))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match &cli.cmd {
+        Cmd::Serve {
+            listen,
+            admin_listen,
+            domain,
+            certs_dir,
+        } => {
+            let mut file = broker_file(&cli)?;
+            file.listen = listen.or(file.listen);
+            file.admin_listen = admin_listen.or(file.admin_listen);
+            file.domain = domain.clone().or(file.domain);
+            file.certs_dir = certs_dir.clone().or(file.certs_dir);
+            file.data_dir = cli.data_dir.clone().or(file.data_dir);
+            let settings = file.into_settings()?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let broker = Broker::bind(settings).await?;
+                println!("maintgate: listening on {}", broker.local_addr());
+                broker.run(shutdown_signal()).await;
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
+        Cmd::Agent {
+            broker,
+            token_file,
+            ca,
+        } => {
+            let settings = AgentSettings::load(
+                cli.config.as_deref(),
+                &AgentOverrides {
+                    broker: broker.clone(),
+                    token_file: token_file.clone(),
+                    ca: ca.clone(),
+                },
+            )?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let cancel = CancellationToken::new();
+                let run = tokio::spawn(maintgate::agent::run(settings, cancel.clone()));
+                shutdown_signal().await;
+                cancel.cancel();
+                let _ = run.await;
+            });
+        }
+        Cmd::Account(cmd) => {
+            let s = open_store(&cli)?;
+            manage::run_account(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+        }
+        Cmd::Customer(cmd) => {
+            let s = open_store(&cli)?;
+            manage::run_customer(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+        }
+        Cmd::System(cmd) => {
+            let s = open_store(&cli)?;
+            manage::run_system(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+        }
+    }
+    Ok(())
+}
+
+fn open_store(cli: &Cli) -> Result<SqliteStore> {
+    let dir = data_dir(cli)?;
+    let path = store::db_path(&dir);
+    SqliteStore::open(&path).with_context(|| format!("opening store {}", path.display()))
+}

@@ -1,0 +1,317 @@
+//! Broker configuration: an optional TOML file, overridden by flags, and
+//! validated into [`BrokerSettings`] with typed fields.
+//!
+//! ```toml
+//! listen = "0.0.0.0:6443"
+//! admin_listen = "127.0.0.1:7080"
+//! domain = "maint.example.com"
+//! data_dir = "data"
+//! certs_dir = "certs"
+//! public_port = 6443          # the port the PAC and connect-info name
+//! [limits]
+//! handshake_timeout_ms = 10000
+//! head_timeout_ms = 10000
+//! max_connections = 10000
+//! max_concurrent_hashes = 2
+//! auth_cache_ttl_secs = 60
+//! window_bytes = 262144
+//! max_streams_per_agent = 1024
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::mux::MuxConfig;
+
+/// Errors reading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The broker's config file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub domain: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub certs_dir: Option<PathBuf>,
+    pub public_port: Option<u16>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// The `[limits]` table; every field optional with a safe default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub handshake_timeout_ms: Option<u64>,
+    pub head_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_auth_attempts_per_connection: Option<u32>,
+    pub max_concurrent_hashes: Option<usize>,
+    pub auth_cache_ttl_secs: Option<u64>,
+    pub hello_timeout_ms: Option<u64>,
+    pub revalidate_ms: Option<u64>,
+    pub cert_reload_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
+    pub window_bytes: Option<u32>,
+    pub max_streams_per_agent: Option<usize>,
+    pub ping_interval_ms: Option<u64>,
+    pub dead_after_ms: Option<u64>,
+    pub open_timeout_ms: Option<u64>,
+}
+
+/// Deadlines and caps on everything a client or agent can hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TLS handshake deadline (slowloris on the handshake).
+    pub handshake_timeout: Duration,
+    /// Deadline for a complete request head.
+    pub head_timeout: Duration,
+    /// Most concurrent client and agent connections.
+    pub max_connections: usize,
+    /// 407 retries allowed on one connection before it is closed.
+    pub max_auth_attempts_per_connection: u32,
+    /// Concurrent Argon2 verifications.
+    pub max_concurrent_hashes: usize,
+    /// How long a verified password stays cached.
+    pub auth_cache_ttl: Duration,
+    /// Deadline for the agent's HELLO after the upgrade.
+    pub hello_timeout: Duration,
+    /// How often the broker checks the store for changes made elsewhere.
+    pub revalidate_every: Duration,
+    /// How often certificate files are checked for changes.
+    pub cert_reload_every: Duration,
+    /// How long shutdown waits for connections to drain.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            head_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_auth_attempts_per_connection: 3,
+            max_concurrent_hashes: 2,
+            auth_cache_ttl: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(10),
+            revalidate_every: Duration::from_secs(1),
+            cert_reload_every: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Validated broker settings.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Proxy, PAC and agent port.
+    pub listen: SocketAddr,
+    /// Admin API, metrics, health (loopback by default).
+    pub admin_listen: SocketAddr,
+    /// The maint domain, e.g. `maint.example.com`: lowercase, no trailing dot.
+    pub domain: String,
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// Where certificates live (generated on first run).
+    pub certs_dir: PathBuf,
+    /// The port clients use, for the PAC and connect-info; `None` means
+    /// the listening port.
+    pub public_port: Option<u16>,
+    /// Deadlines and caps.
+    pub limits: Limits,
+    /// Agent-link tunables.
+    pub mux: MuxConfig,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 6443)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            domain: "maint.localhost".into(),
+            data_dir: PathBuf::from("data"),
+            certs_dir: PathBuf::from("certs"),
+            public_port: None,
+            limits: Limits::default(),
+            mux: MuxConfig::default(),
+        }
+    }
+}
+
+/// Read a TOML file into `T`, rejecting unknown fields.
+///
+/// # Errors
+/// [`ConfigError::Read`] or [`ConfigError::Parse`].
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Normalise and check a maint domain: ASCII letters, digits, `-`, dots
+/// between non-empty labels; lowercased, trailing dot removed.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] for anything else.
+pub fn normalize_domain(domain: &str) -> Result<String, ConfigError> {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !d.is_empty()
+        && d.len() <= 200
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(d)
+    } else {
+        Err(ConfigError::Invalid {
+            field: "domain",
+            message: format!("{domain:?} is not a DNS name"),
+        })
+    }
+}
+
+fn ms(v: Option<u64>, default: Duration) -> Duration {
+    v.map(Duration::from_millis).unwrap_or(default)
+}
+
+impl BrokerFile {
+    /// Validate into settings, starting from the defaults.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for an invalid domain or a zero limit.
+    pub fn into_settings(self) -> Result<BrokerSettings, ConfigError> {
+        let d = BrokerSettings::default();
+        let l = self.limits;
+        let dl = Limits::default();
+        let dm = MuxConfig::default();
+        let settings = BrokerSettings {
+            listen: self.listen.unwrap_or(d.listen),
+            admin_listen: self.admin_listen.unwrap_or(d.admin_listen),
+            domain: normalize_domain(self.domain.as_deref().unwrap_or(&d.domain))?,
+            data_dir: self.data_dir.unwrap_or(d.data_dir),
+            certs_dir: self.certs_dir.unwrap_or(d.certs_dir),
+            public_port: self.public_port,
+            limits: Limits {
+                handshake_timeout: ms(l.handshake_timeout_ms, dl.handshake_timeout),
+                head_timeout: ms(l.head_timeout_ms, dl.head_timeout),
+                max_connections: l.max_connections.unwrap_or(dl.max_connections),
+                max_auth_attempts_per_connection: l
+                    .max_auth_attempts_per_connection
+                    .unwrap_or(dl.max_auth_attempts_per_connection),
+                max_concurrent_hashes: l.max_concurrent_hashes.unwrap_or(dl.max_concurrent_hashes),
+                auth_cache_ttl: l
+                    .auth_cache_ttl_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(dl.auth_cache_ttl),
+                hello_timeout: ms(l.hello_timeout_ms, dl.hello_timeout),
+                revalidate_every: ms(l.revalidate_ms, dl.revalidate_every),
+                cert_reload_every: ms(l.cert_reload_ms, dl.cert_reload_every),
+                drain_timeout: ms(l.drain_timeout_ms, dl.drain_timeout),
+            },
+            mux: MuxConfig {
+                window: l.window_bytes.unwrap_or(dm.window),
+                max_streams: l.max_streams_per_agent.unwrap_or(dm.max_streams),
+                ping_interval: ms(l.ping_interval_ms, dm.ping_interval),
+                dead_after: ms(l.dead_after_ms, dm.dead_after),
+                open_timeout: ms(l.open_timeout_ms, dm.open_timeout),
+                data_queue: dm.data_queue,
+            },
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+impl BrokerSettings {
+    /// Check that no limit is zero and the window is usable.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let inv = |field, message: &str| ConfigError::Invalid {
+            field,
+            message: message.into(),
+        };
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(inv("max_connections", "must be at least 1"));
+        }
+        if l.max_concurrent_hashes == 0 {
+            return Err(inv("max_concurrent_hashes", "must be at least 1"));
+        }
+        if l.handshake_timeout.is_zero() || l.head_timeout.is_zero() {
+            return Err(inv("timeouts", "must be above zero"));
+        }
+        if self.mux.window < 16 * 1024 {
+            return Err(inv("window_bytes", "must be at least 16384"));
+        }
+        if self.mux.max_streams == 0 {
+            return Err(inv("max_streams_per_agent", "must be at least 1"));
+        }
+        if self.mux.dead_after <= self.mux.ping_interval {
+            return Err(inv("dead_after_ms", "must exceed ping_interval_ms"));
+        }
+        Ok(())
+    }
+
+    /// The port clients connect to.
+    pub fn client_port(&self, bound: SocketAddr) -> u16 {
+        self.public_port.unwrap_or(bound.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let f: BrokerFile = toml::from_str(
+            "domain = \"Maint.Example.COM.\"\nlisten = \"127.0.0.1:0\"\n[limits]\nwindow_bytes = 65536\n",
+        )
+        .unwrap();
+        let s = f.into_settings().unwrap();
+        assert_eq!(s.domain, "maint.example.com");
+        assert_eq!(s.mux.window, 65536);
+        assert_eq!(s.admin_listen.to_string(), "127.0.0.1:7080");
+    }
+
+    #[test]
+    fn rejects_unknown_and_invalid() {
+        assert!(toml::from_str::<BrokerFile>("listen_addr = \"x\"").is_err());
+        assert!(toml::from_str::<BrokerFile>("[limits]\nmax_conns = 1").is_err());
+        for bad in ["", "a..b", "-x.com", "ex ample.com", "a_b.com"] {
+            assert!(normalize_domain(bad).is_err(), "{bad}");
+        }
+        let f: BrokerFile = toml::from_str("[limits]\nmax_connections = 0").unwrap();
+        assert!(f.into_settings().is_err());
+    }
+}

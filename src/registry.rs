@@ -1,0 +1,156 @@
+//! Live state of a broker: agent sessions and the tunnels running over
+//! them.
+//!
+//! The registry owns agent sessions: registering a session for a system
+//! that already has one returns the old one, which the caller closes, so a
+//! reconnecting agent cleanly replaces its stale session. Tunnels are
+//! registered through a [`TunnelGuard`] that removes them when dropped, so
+//! no tunnel outlives its entry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::mux::{Mux, RelayStats, Target};
+use crate::policy::Hello;
+
+/// One connected agent.
+pub struct AgentSession {
+    /// Unique per session (a replaced session has another id).
+    pub session_id: u64,
+    /// The system this agent is, from its token alone.
+    pub system_id: i64,
+    /// The system's customer id.
+    pub customer: String,
+    /// The system's name.
+    pub system: String,
+    /// Hash of the token it authenticated with, to notice rotation.
+    pub token_hash: String,
+    /// The multiplexed link.
+    pub mux: Mux,
+    /// What the agent announced: version and policy.
+    pub hello: Hello,
+    /// The agent's address as the broker saw it.
+    pub remote: SocketAddr,
+    /// When the session was registered.
+    pub connected_at: SystemTime,
+}
+
+/// One running tunnel.
+pub struct TunnelInfo {
+    /// Unique per tunnel.
+    pub id: u64,
+    /// The account that opened it.
+    pub account_id: i64,
+    /// The account's name, for operators.
+    pub account: String,
+    /// Customer and system the tunnel goes to.
+    pub customer: String,
+    pub system_id: i64,
+    /// What the agent dialed.
+    pub target: Target,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// When the 200 was sent.
+    pub started: SystemTime,
+    /// Live byte counters.
+    pub stats: Arc<RelayStats>,
+    /// Cancelling ends the tunnel (kill, account disabled, shutdown).
+    pub cancel: CancellationToken,
+}
+
+/// Agent sessions and tunnels of one broker.
+#[derive(Default)]
+pub struct Registry {
+    /// Live agent sessions by system id.
+    agents: Mutex<HashMap<i64, Arc<AgentSession>>>,
+    /// Live tunnels by tunnel id.
+    tunnels: Mutex<HashMap<u64, Arc<TunnelInfo>>>,
+    /// Id source for sessions and tunnels.
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these short locks leaves consistent maps.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// A fresh id for a session or tunnel.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Register `session`; returns the session it replaces, if any. The
+    /// caller closes the replaced session.
+    pub fn register(&self, session: Arc<AgentSession>) -> Option<Arc<AgentSession>> {
+        lock(&self.agents).insert(session.system_id, session)
+    }
+
+    /// Remove the session for `system_id` if it is still `session_id`.
+    pub fn unregister(&self, system_id: i64, session_id: u64) {
+        let mut agents = lock(&self.agents);
+        if agents
+            .get(&system_id)
+            .is_some_and(|s| s.session_id == session_id)
+        {
+            agents.remove(&system_id);
+        }
+    }
+
+    /// The live session of a system.
+    pub fn agent(&self, system_id: i64) -> Option<Arc<AgentSession>> {
+        lock(&self.agents)
+            .get(&system_id)
+            .filter(|s| !s.mux.is_closed())
+            .cloned()
+    }
+
+    /// All live sessions.
+    pub fn agents(&self) -> Vec<Arc<AgentSession>> {
+        lock(&self.agents).values().cloned().collect()
+    }
+
+    /// Register a running tunnel; it is removed when the guard drops.
+    pub fn add_tunnel(self: &Arc<Self>, info: TunnelInfo) -> TunnelGuard {
+        let info = Arc::new(info);
+        lock(&self.tunnels).insert(info.id, info.clone());
+        TunnelGuard {
+            registry: self.clone(),
+            info,
+        }
+    }
+
+    /// All running tunnels.
+    pub fn tunnels(&self) -> Vec<Arc<TunnelInfo>> {
+        lock(&self.tunnels).values().cloned().collect()
+    }
+
+    /// End a tunnel by id. Returns whether it existed.
+    pub fn kill_tunnel(&self, id: u64) -> bool {
+        match lock(&self.tunnels).get(&id) {
+            Some(t) => {
+                t.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Keeps a tunnel registered while it lives.
+pub struct TunnelGuard {
+    registry: Arc<Registry>,
+    /// The registered tunnel.
+    pub info: Arc<TunnelInfo>,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        lock(&self.registry.tunnels).remove(&self.info.id);
+    }
+}
