@@ -15,7 +15,11 @@ use maintgate::manage;
 use maintgate::store::{self, sqlite::SqliteStore};
 
 #[derive(Parser)]
-#[command(name = "maintgate", version, about = "Remote-support broker and site agent")]
+#[command(
+    name = "maintgate",
+    version,
+    about = "Remote-support broker and site agent"
+)]
 struct Cli {
     /// Config file (broker config for serve and store commands, agent
     /// config for agent).
@@ -94,13 +98,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -175,15 +180,30 @@ fn main() -> Result<()> {
         }
         Cmd::Account(cmd) => {
             let s = open_store(&cli)?;
-            manage::run_account(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+            manage::run_account(
+                cmd,
+                &s,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout(),
+            )?;
         }
         Cmd::Customer(cmd) => {
             let s = open_store(&cli)?;
-            manage::run_customer(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+            manage::run_customer(
+                cmd,
+                &s,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout(),
+            )?;
         }
         Cmd::System(cmd) => {
             let s = open_store(&cli)?;
-            manage::run_system(cmd, &s, &mut std::io::stdin().lock(), &mut std::io::stdout())?;
+            manage::run_system(
+                cmd,
+                &s,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout(),
+            )?;
         }
     }
     Ok(())

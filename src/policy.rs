@@ -253,7 +253,11 @@ mod tests {
         let ip = Ipv4Addr::new(10, 0, 0, 5);
         let cases = [
             (Target::SelfPort(22), Agent, Ok(())),
-            (Target::SelfPort(80), Agent, Err(Denied::ServiceNotListed(80))),
+            (
+                Target::SelfPort(80),
+                Agent,
+                Err(Denied::ServiceNotListed(80)),
+            ),
             (Target::CoLocated(ip, 3389), Agent, Ok(())),
             (
                 Target::CoLocated(ip, 22),

@@ -82,11 +82,12 @@ pub fn ensure_certs(paths: &CertPaths, domain: &str) -> Result<bool, TlsError> {
         move |source| TlsError::Io { path, source }
     };
     std::fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
-    let year = 1970 + (SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        / 31_556_952) as i32;
+    let year = 1970
+        + (SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            / 31_556_952) as i32;
 
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
@@ -156,9 +157,11 @@ fn write_private(path: &Path, pem: &str) -> Result<(), TlsError> {
 /// [`TlsError`] when a file is missing, is not PEM, or the key does not
 /// match the leaf certificate.
 pub fn load_certified_key(paths: &CertPaths) -> Result<CertifiedKey, TlsError> {
-    let pem_err = |path: PathBuf| move |e: rustls_pki_types::pem::Error| TlsError::Pem {
-        path,
-        message: e.to_string(),
+    let pem_err = |path: PathBuf| {
+        move |e: rustls_pki_types::pem::Error| TlsError::Pem {
+            path,
+            message: e.to_string(),
+        }
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(paths.cert())
         .map_err(pem_err(paths.cert()))?

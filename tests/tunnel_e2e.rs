@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use support::stack::{self, open_tunnel, proxy_command, Stack, DOMAIN};
-use support::{require_tool, EchoServer, HttpsServer, Netns, Sshd, SinkServer};
+use support::{require_tool, EchoServer, HttpsServer, Netns, SinkServer, Sshd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(60);
@@ -20,7 +20,13 @@ async fn run(cmd: &mut tokio::process::Command) -> std::process::Output {
         .expect("client runs")
 }
 
-fn ssh_cmd(sshd: &Sshd, stack: &Stack, host: &str, port: u16, remote: &str) -> tokio::process::Command {
+fn ssh_cmd(
+    sshd: &Sshd,
+    stack: &Stack,
+    host: &str,
+    port: u16,
+    remote: &str,
+) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(require_tool("ssh"));
     c.args(sshd.ssh_base_args())
         .arg("-o")
@@ -43,7 +49,14 @@ async fn ssh_via_proxytunnel_reaches_the_system_itself() {
 
     // Upper case: OpenSSH lowercases %h, routing must not care.
     for host in [format!("1234.{DOMAIN}"), format!("1234-IPO1.{DOMAIN}")] {
-        let out = run(&mut ssh_cmd(&sshd, &stack, &host, sshd.port(), "echo hello-from-$((40+2))")).await;
+        let out = run(&mut ssh_cmd(
+            &sshd,
+            &stack,
+            &host,
+            sshd.port(),
+            "echo hello-from-$((40+2))",
+        ))
+        .await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.trim() == "hello-from-42",
@@ -72,7 +85,14 @@ async fn ssh_via_proxytunnel_reaches_a_co_located_server() {
     stack.wait_agent("1234", "ipo1").await;
 
     let host = format!("1234-ipo1-{}.{DOMAIN}", ns.ns_ip());
-    let out = run(&mut ssh_cmd(&sshd, &stack, &host, 22, "ip -4 -o addr show; echo done")).await;
+    let out = run(&mut ssh_cmd(
+        &sshd,
+        &stack,
+        &host,
+        22,
+        "ip -4 -o addr show; echo done",
+    ))
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("done"),
@@ -81,7 +101,10 @@ async fn ssh_via_proxytunnel_reaches_a_co_located_server() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The command ran inside the namespace: it owns the namespace's address.
-    assert!(stdout.contains(&format!("inet {}/", ns.ns_ip())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("inet {}/", ns.ns_ip())),
+        "{stdout}"
+    );
 
     // The primary-system form with an IP reaches it too.
     let host = format!("1234-{}.{DOMAIN}", ns.ns_ip());
@@ -118,7 +141,10 @@ async fn curl_reaches_an_https_target() {
         "curl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello through maintgate\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello through maintgate\n"
+    );
     assert_eq!(https.requests().len(), 1);
 }
 

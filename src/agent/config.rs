@@ -251,7 +251,14 @@ mod tests {
             parse_broker_url("wss://[::1]:7/agent").unwrap(),
             ("::1".into(), 7)
         );
-        for bad in ["ws://x/agent", "https://x", "wss://", "wss://x:0/", "wss://u@x/", "wss://x:99999/"] {
+        for bad in [
+            "ws://x/agent",
+            "https://x",
+            "wss://",
+            "wss://x:0/",
+            "wss://u@x/",
+            "wss://x:99999/",
+        ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
     }
@@ -273,12 +280,19 @@ port = 3389
 "#;
         let f: AgentFile = toml::from_str(text).unwrap();
         assert_eq!(f.tunnels.len(), 1);
-        let s = AgentSettings::from_parts(f, "wss://maint.example.com:6443/agent".into(), Secret::new("t".into()), None)
-            .unwrap();
+        let s = AgentSettings::from_parts(
+            f,
+            "wss://maint.example.com:6443/agent".into(),
+            Secret::new("t".into()),
+            None,
+        )
+        .unwrap();
         assert_eq!(s.policy.services.len(), 7);
         assert!(toml::from_str::<AgentFile>("brokr = \"x\"").is_err());
         // Strict address parsing: no octal, no short forms.
         assert!(toml::from_str::<AgentFile>("self_address = \"0127.0.0.1\"").is_err());
-        assert!(toml::from_str::<AgentFile>("[[tunnel]]\napp=\"ssh\"\nip=\"127.1\"\nport=22").is_err());
+        assert!(
+            toml::from_str::<AgentFile>("[[tunnel]]\napp=\"ssh\"\nip=\"127.1\"\nport=22").is_err()
+        );
     }
 }

@@ -151,7 +151,8 @@ pub async fn connect_and_serve(
     .await
     .map_err(|_| AgentError::Timeout)??;
     info!(broker = %settings.broker, "connected to broker");
-    let (mux, mut incoming, done) = Mux::start(ws, Role::Agent, settings.mux.clone(), cancel.clone());
+    let (mux, mut incoming, done) =
+        Mux::start(ws, Role::Agent, settings.mux.clone(), cancel.clone());
     let streams = CancellationToken::new();
     let serve = async {
         while let Some(inc) = incoming.recv().await {
@@ -170,7 +171,12 @@ pub async fn connect_and_serve(
 }
 
 /// Check, dial and relay one stream.
-async fn serve_stream(settings: Arc<AgentSettings>, mux: Mux, inc: Incoming, cancel: CancellationToken) {
+async fn serve_stream(
+    settings: Arc<AgentSettings>,
+    mux: Mux,
+    inc: Incoming,
+    cancel: CancellationToken,
+) {
     let Incoming { stream, target } = inc;
     let span = tracing::info_span!("stream", id = stream.id(), %target);
     async move {
@@ -184,7 +190,8 @@ async fn serve_stream(settings: Arc<AgentSettings>, mux: Mux, inc: Incoming, can
             Target::CoLocated(ip, port) => SocketAddr::new(ip.into(), port),
         };
         // A SocketAddr: no resolver is involved.
-        let tcp = match tokio::time::timeout(settings.dial_timeout, TcpStream::connect(addr)).await {
+        let tcp = match tokio::time::timeout(settings.dial_timeout, TcpStream::connect(addr)).await
+        {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {

@@ -45,7 +45,12 @@ async fn refuse(conn: &mut Conn, status: &str) {
 }
 
 /// Serve one agent connection to its end.
-pub async fn serve(state: Arc<BrokerState>, mut conn: Conn, head: RequestHead, cancel: CancellationToken) {
+pub async fn serve(
+    state: Arc<BrokerState>,
+    mut conn: Conn,
+    head: RequestHead,
+    cancel: CancellationToken,
+) {
     if head.method != "GET"
         || !has_token(head.header("upgrade"), "websocket")
         || !has_token(head.header("connection"), "upgrade")
@@ -95,7 +100,8 @@ pub async fn serve(state: Arc<BrokerState>, mut conn: Conn, head: RequestHead, c
         WebSocketStream::from_partially_read(conn.io, leftover, WsRole::Server, Some(ws_config()))
             .await;
 
-    let span = tracing::info_span!("agent", customer = %system.customer_id, system = %system.name, %peer);
+    let span =
+        tracing::info_span!("agent", customer = %system.customer_id, system = %system.name, %peer);
     async move {
         let hello = match tokio::time::timeout(state.settings.limits.hello_timeout, ws.next()).await {
             Ok(Some(Ok(Message::Binary(mut b)))) => match Frame::decode(&mut b) {

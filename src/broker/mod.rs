@@ -113,12 +113,13 @@ impl Broker {
         }
         let resolver = CertResolver::new(tls::load_certified_key(&cert_paths)?);
         let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| BrokerError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: settings.listen,
             source,
@@ -218,7 +219,10 @@ impl Broker {
             .await
             .is_err()
         {
-            warn!(left = tracker.len(), "drain deadline passed; tasks left behind");
+            warn!(
+                left = tracker.len(),
+                "drain deadline passed; tasks left behind"
+            );
         } else {
             info!("drained");
         }

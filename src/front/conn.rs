@@ -84,18 +84,20 @@ impl Conn {
         let r = rescue(e);
         let ok = self.respond(&r.to_bytes()).await.is_ok();
         if !r.keep_open {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                self.io.shutdown(),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), self.io.shutdown()).await;
         }
         ok && r.keep_open
     }
 }
 
 /// Serve one accepted TCP connection to the end.
-pub async fn serve(state: Arc<BrokerState>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+pub async fn serve(
+    state: Arc<BrokerState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) {
     let span = tracing::info_span!("conn", %peer);
     async move {
         let _ = tcp.set_nodelay(true);
@@ -257,7 +259,10 @@ async fn prepare_connect(state: &BrokerState, head: &RequestHead) -> Result<Read
         .await
         .map_err(|e| FrontError::Store(e.to_string()))?
         .ok_or(FrontError::NotFound)?;
-    let agent = state.registry().agent(system.id).ok_or(FrontError::Offline)?;
+    let agent = state
+        .registry()
+        .agent(system.id)
+        .ok_or(FrontError::Offline)?;
     let target = match dest.ip {
         Some(ip) => Target::CoLocated(ip, dest.port),
         None => Target::SelfPort(dest.port),
@@ -273,7 +278,12 @@ async fn prepare_connect(state: &BrokerState, head: &RequestHead) -> Result<Read
 }
 
 /// Step 5: open the stream, answer 200, carry the bytes.
-async fn run_tunnel(state: &Arc<BrokerState>, mut conn: Conn, ready: Ready, cancel: CancellationToken) {
+async fn run_tunnel(
+    state: &Arc<BrokerState>,
+    mut conn: Conn,
+    ready: Ready,
+    cancel: CancellationToken,
+) {
     let stream = match ready.agent.mux.open(ready.target).await {
         Ok(s) => s,
         Err(e) => {
@@ -301,7 +311,8 @@ async fn run_tunnel(state: &Arc<BrokerState>, mut conn: Conn, ready: Ready, canc
         cancel: tunnel_cancel.clone(),
     });
     let info = guard.info.clone();
-    let span = tracing::info_span!("tunnel", id = info.id, account = %ready.account, dest = %ready.dest);
+    let span =
+        tracing::info_span!("tunnel", id = info.id, account = %ready.account, dest = %ready.dest);
     async move {
         info!(target = %ready.target, "tunnel up");
         let leftover = conn.buf.split().freeze();
@@ -310,7 +321,12 @@ async fn run_tunnel(state: &Arc<BrokerState>, mut conn: Conn, ready: Ready, canc
         if matches!(end, crate::mux::RelayEnd::LocalError(_)) {
             warn!(?end, sent, received, "tunnel ended with an error");
         } else {
-            info!(end = end.label(), client_to_target = sent, target_to_client = received, "tunnel closed");
+            info!(
+                end = end.label(),
+                client_to_target = sent,
+                target_to_client = received,
+                "tunnel closed"
+            );
         }
         drop(guard);
     }

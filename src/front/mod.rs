@@ -1,7 +1,7 @@
 //! The client-facing front: TLS accept, CONNECT head, auth, status mapping.
 
-pub mod basic;
-pub mod head;
 pub mod auth;
+pub mod basic;
 pub mod conn;
+pub mod head;
 pub mod status;

@@ -164,9 +164,21 @@ mod tests {
             (FrontError::NotFound, 404, false),
             (FrontError::Forbidden(Denied::RemoteAccessOff), 403, false),
             (FrontError::Offline, 503, false),
-            (OpenError::Agent(OpenErrCode::Refused, "x".into()).into(), 502, false),
-            (OpenError::Agent(OpenErrCode::Timeout, "x".into()).into(), 504, false),
-            (OpenError::Agent(OpenErrCode::Forbidden, "x".into()).into(), 403, false),
+            (
+                OpenError::Agent(OpenErrCode::Refused, "x".into()).into(),
+                502,
+                false,
+            ),
+            (
+                OpenError::Agent(OpenErrCode::Timeout, "x".into()).into(),
+                504,
+                false,
+            ),
+            (
+                OpenError::Agent(OpenErrCode::Forbidden, "x".into()).into(),
+                403,
+                false,
+            ),
             (OpenError::Closed.into(), 503, false),
             (FrontError::MethodNotAllowed, 405, false),
         ];

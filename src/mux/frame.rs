@@ -354,8 +354,7 @@ impl Frame {
                     return Err(FrameError::BadLength(t));
                 }
                 let code = OpenErrCode::from_u8(p.get_u8());
-                let message =
-                    String::from_utf8(p.to_vec()).map_err(|_| FrameError::BadMessage)?;
+                let message = String::from_utf8(p.to_vec()).map_err(|_| FrameError::BadMessage)?;
                 Frame::OpenErr { id, code, message }
             }
             kind::DATA => {
@@ -422,7 +421,9 @@ mod tests {
         f.encode(&mut b);
         assert_eq!(b.len(), f.encoded_len());
         let mut bytes = b.freeze();
-        let out = Frame::decode(&mut bytes).expect("decodes").expect("a frame");
+        let out = Frame::decode(&mut bytes)
+            .expect("decodes")
+            .expect("a frame");
         assert!(bytes.is_empty());
         out
     }
@@ -486,11 +487,17 @@ mod tests {
         let cases: &[(&[u8], FrameError)] = &[
             (&[5, 0, 0, 0, 1, 0, 0], FrameError::Truncated),
             (&[5, 0, 0, 0, 1, 0, 0, 0, 4, 1], FrameError::Truncated),
-            (&[0x7f, 0, 0, 0, 1, 0, 0, 0, 0], FrameError::UnknownType(0x7f)),
+            (
+                &[0x7f, 0, 0, 0, 1, 0, 0, 0, 0],
+                FrameError::UnknownType(0x7f),
+            ),
             (&[5, 0, 0, 0, 1, 0, 0, 0, 0], FrameError::EmptyData),
             (&[5, 0, 0, 0, 0, 0, 0, 0, 1, 0], FrameError::ZeroStream),
             (&[1, 0, 0, 0, 1, 0, 0, 0, 0], FrameError::HelloOnStream),
-            (&[6, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0], FrameError::ZeroWindow),
+            (
+                &[6, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0],
+                FrameError::ZeroWindow,
+            ),
             (&[7, 0, 0, 0, 1, 0, 0, 0, 1, 0], FrameError::BadLength(7)),
             (&[5, 0, 0, 0, 1, 0, 2, 0, 0], FrameError::TooLarge(0x20000)),
             // OPEN to port 0
@@ -513,7 +520,11 @@ mod tests {
     #[test]
     fn several_frames_per_message() {
         let mut b = BytesMut::new();
-        Frame::Window { id: 1, increment: 3 }.encode(&mut b);
+        Frame::Window {
+            id: 1,
+            increment: 3,
+        }
+        .encode(&mut b);
         Frame::Data {
             id: 2,
             data: Bytes::from_static(b"xy"),

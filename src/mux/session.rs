@@ -134,6 +134,9 @@ struct Shared {
     data_tx: mpsc::Sender<Frame>,
     /// Cancelled when the session ends for any reason.
     cancel: CancellationToken,
+    /// Streams this side asked to open (broker) or was asked to open
+    /// (agent) over the session's life.
+    opens: AtomicU64,
     /// Bytes of DATA payload received and sent on this session.
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
@@ -228,6 +231,7 @@ impl Mux {
             ctl_tx,
             data_tx,
             cancel,
+            opens: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
         });
@@ -282,6 +286,7 @@ impl Mux {
             );
             id
         };
+        s.opens.fetch_add(1, Ordering::Relaxed);
         self.send_ctl(Frame::Open { id, target, window });
         let answer = tokio::select! {
             r = rx => r,
@@ -342,6 +347,12 @@ impl Mux {
     /// Number of live streams.
     pub fn stream_count(&self) -> usize {
         self.shared.streams.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Streams opened over the session's life (asked for, not necessarily
+    /// successful).
+    pub fn opens(&self) -> u64 {
+        self.shared.opens.load(Ordering::Relaxed)
     }
 
     /// DATA payload bytes (received, sent) over the session's life.
@@ -438,6 +449,7 @@ impl Mux {
                 if streams.contains_key(&id) {
                     return Err(format!("OPEN reuses live stream id {id}"));
                 }
+                s.opens.fetch_add(1, Ordering::Relaxed);
                 if window == 0 {
                     drop(streams);
                     self.send_ctl(Frame::OpenErr {
@@ -480,7 +492,8 @@ impl Mux {
                 if let Err(e) = incoming.try_send(Incoming { stream, target }) {
                     // The agent's accept loop is saturated or gone.
                     let inc = match e {
-                        mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
+                        mpsc::error::TrySendError::Full(i)
+                        | mpsc::error::TrySendError::Closed(i) => i,
                     };
                     self.refuse(inc.stream, OpenErrCode::Busy, "agent busy");
                 }
@@ -498,13 +511,19 @@ impl Mux {
                         streams.remove(&id);
                         drop(streams);
                         let _ = w.send(Err((OpenErrCode::Other, "zero window".into())));
-                        self.send_ctl(Frame::Rst { id, code: RstCode::Protocol });
+                        self.send_ctl(Frame::Rst {
+                            id,
+                            code: RstCode::Protocol,
+                        });
                     }
                     None => {
                         // We gave up on this open (timeout) or it is a
                         // duplicate: make the agent drop its side.
                         drop(streams);
-                        self.send_ctl(Frame::Rst { id, code: RstCode::Cancel });
+                        self.send_ctl(Frame::Rst {
+                            id,
+                            code: RstCode::Cancel,
+                        });
                     }
                 }
             }
@@ -528,7 +547,10 @@ impl Mux {
                         let _ = e.inbound.send(Inbound::Rst(RstCode::Protocol));
                     }
                     drop(streams);
-                    self.send_ctl(Frame::Rst { id, code: RstCode::Protocol });
+                    self.send_ctl(Frame::Rst {
+                        id,
+                        code: RstCode::Protocol,
+                    });
                     return Ok(());
                 }
                 e.recv_budget -= n;
@@ -544,7 +566,10 @@ impl Mux {
                             let _ = e.inbound.send(Inbound::Rst(RstCode::Protocol));
                         }
                         drop(streams);
-                        self.send_ctl(Frame::Rst { id, code: RstCode::Protocol });
+                        self.send_ctl(Frame::Rst {
+                            id,
+                            code: RstCode::Protocol,
+                        });
                         return Ok(());
                     }
                     e.credit.add_permits(increment as usize);
@@ -573,11 +598,7 @@ impl Mux {
     }
 }
 
-async fn reader_loop<St>(
-    mux: Mux,
-    mut stream: St,
-    incoming: mpsc::Sender<Incoming>,
-) -> SessionEnd
+async fn reader_loop<St>(mux: Mux, mut stream: St, incoming: mpsc::Sender<Incoming>) -> SessionEnd
 where
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
@@ -653,7 +674,11 @@ async fn writer_loop<Si>(
                 break;
             }
         }
-        if sink.send(Message::Binary(buf.split().freeze())).await.is_err() {
+        if sink
+            .send(Message::Binary(buf.split().freeze()))
+            .await
+            .is_err()
+        {
             break;
         }
     }

@@ -17,7 +17,8 @@ async fn pair(config: MuxConfig) -> (Mux, Mux, tokio::sync::mpsc::Receiver<Incom
     let (a, b) = tokio::io::duplex(256 * 1024);
     let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
     let wb = WebSocketStream::from_raw_socket(b, WsRole::Server, Some(ws_config())).await;
-    let (agent, incoming, _) = Mux::start(wa, Role::Agent, config.clone(), CancellationToken::new());
+    let (agent, incoming, _) =
+        Mux::start(wa, Role::Agent, config.clone(), CancellationToken::new());
     let (broker, _, _) = Mux::start(wb, Role::Broker, config, CancellationToken::new());
     (broker, agent, incoming)
 }
@@ -116,8 +117,14 @@ async fn slow_reader_is_bounded_by_the_window() {
                     let block = vec![7u8; 16 * 1024];
                     while target.write_all(&block).await.is_ok() {}
                 });
-                relay(inc.stream, local, Bytes::new(), CancellationToken::new(), agent_stats)
-                    .await
+                relay(
+                    inc.stream,
+                    local,
+                    Bytes::new(),
+                    CancellationToken::new(),
+                    agent_stats,
+                )
+                .await
             });
         }
         let stream = broker.open(Target::SelfPort(22)).await.unwrap();
@@ -125,7 +132,13 @@ async fn slow_reader_is_bounded_by_the_window() {
         let (client, _never_read) = tokio::io::duplex(1024);
         let cancel = CancellationToken::new();
         let bstats = Arc::new(RelayStats::default());
-        let r = tokio::spawn(relay(stream, client, Bytes::new(), cancel.clone(), bstats.clone()));
+        let r = tokio::spawn(relay(
+            stream,
+            client,
+            Bytes::new(),
+            cancel.clone(),
+            bstats.clone(),
+        ));
         // Wait until the agent's sending stalls.
         let mut last = 0;
         loop {

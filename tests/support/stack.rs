@@ -73,7 +73,14 @@ impl Stack {
             task: Some(task),
             agents: Vec::new(),
         };
-        if stack.state.store().account_by_name(USER).await.unwrap().is_none() {
+        if stack
+            .state
+            .store()
+            .account_by_name(USER)
+            .await
+            .unwrap()
+            .is_none()
+        {
             let hash = secret::hash_password(PASS).unwrap();
             stack.state.store().add_account(USER, &hash).await.unwrap();
             stack
@@ -164,7 +171,10 @@ impl Stack {
             if self.state.registry().agent(sys.id).is_some() {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "agent for {customer}-{system} never connected");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent for {customer}-{system} never connected"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -218,13 +228,12 @@ pub fn proxy_command(stack: &Stack) -> String {
 }
 
 /// A TLS connection to the broker that trusts the stack's CA.
-pub async fn tls_connect(
-    stack: &Stack,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+pub async fn tls_connect(stack: &Stack) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = maintgate::tls::client_config(Some(&stack.ca())).unwrap();
     let tcp = tokio::net::TcpStream::connect(stack.addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let name = rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let name =
+        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
@@ -248,7 +257,11 @@ pub async fn read_response_head<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> S
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = r.read(&mut b).await.unwrap();
-        assert!(n == 1, "connection closed inside the response head: {:?}", String::from_utf8_lossy(&head));
+        assert!(
+            n == 1,
+            "connection closed inside the response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(b[0]);
         assert!(head.len() < 16384);
     }
