@@ -305,6 +305,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let f: BrokerFile = toml::from_str(include_str!("../deploy/broker.toml")).unwrap();
+        let s = f.into_settings().unwrap();
+        assert_eq!(s.domain, "maint.example.com");
+        assert_eq!(s.listen.port(), 6443);
+    }
+
+    #[test]
     fn rejects_unknown_and_invalid() {
         assert!(toml::from_str::<BrokerFile>("listen_addr = \"x\"").is_err());
         assert!(toml::from_str::<BrokerFile>("[limits]\nmax_conns = 1").is_err());

@@ -238,6 +238,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_parses() {
+        let f: AgentFile = toml::from_str(include_str!("../../deploy/agent.toml")).unwrap();
+        let s = AgentSettings::from_parts(
+            f,
+            "wss://maint.example.com:6443/agent".into(),
+            Secret::new("t".into()),
+            None,
+        )
+        .unwrap();
+        assert!(s.policy.remote_access);
+        assert_eq!(s.policy.services.len(), 7);
+    }
+
+    #[test]
     fn broker_urls() {
         assert_eq!(
             parse_broker_url("wss://maint.example.com:6443/agent").unwrap(),
