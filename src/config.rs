@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::front::auth::AuthConfig;
+use crate::front::lockout::LockoutPolicy;
 use crate::mux::MuxConfig;
 
 /// Errors reading or validating configuration.
@@ -67,7 +69,17 @@ pub struct LimitsFile {
     pub max_auth_attempts_per_connection: Option<u32>,
     pub max_concurrent_hashes: Option<usize>,
     pub auth_cache_ttl_secs: Option<u64>,
+    pub auth_hashes_per_minute_per_source: Option<u32>,
+    pub lockout_threshold: Option<u32>,
+    pub lockout_window_secs: Option<u64>,
+    pub lockout_base_secs: Option<u64>,
+    pub lockout_max_secs: Option<u64>,
     pub hello_timeout_ms: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub max_tunnel_lifetime_secs: Option<u64>,
+    pub max_tunnels: Option<usize>,
+    pub max_tunnels_per_account: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
     pub revalidate_ms: Option<u64>,
     pub cert_reload_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
@@ -89,12 +101,21 @@ pub struct Limits {
     pub max_connections: usize,
     /// 407 retries allowed on one connection before it is closed.
     pub max_auth_attempts_per_connection: u32,
-    /// Concurrent Argon2 verifications.
-    pub max_concurrent_hashes: usize,
-    /// How long a verified password stays cached.
-    pub auth_cache_ttl: Duration,
+    /// Authentication: hash concurrency, cache, per-source budget, lockout.
+    pub auth: AuthConfig,
     /// Deadline for the agent's HELLO after the upgrade.
     pub hello_timeout: Duration,
+    /// A tunnel with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// No tunnel lives longer than this.
+    pub max_tunnel_lifetime: Duration,
+    /// Most tunnels broker-wide; beyond, CONNECT gets 503.
+    pub max_tunnels: usize,
+    /// Most tunnels one account may hold; beyond, CONNECT gets 503.
+    pub max_tunnels_per_account: usize,
+    /// Most concurrent connections from one source address; beyond, new
+    /// connections are closed before the TLS handshake.
+    pub max_connections_per_source: usize,
     /// How often the broker checks the store for changes made elsewhere.
     pub revalidate_every: Duration,
     /// How often certificate files are checked for changes.
@@ -110,9 +131,13 @@ impl Default for Limits {
             head_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_auth_attempts_per_connection: 3,
-            max_concurrent_hashes: 2,
-            auth_cache_ttl: Duration::from_secs(60),
+            auth: AuthConfig::default(),
             hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(2 * 3600),
+            max_tunnel_lifetime: Duration::from_secs(24 * 3600),
+            max_tunnels: 20_000,
+            max_tunnels_per_account: 1_000,
+            max_connections_per_source: 1_000,
             revalidate_every: Duration::from_secs(1),
             cert_reload_every: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
@@ -198,6 +223,10 @@ pub fn normalize_domain(domain: &str) -> Result<String, ConfigError> {
     }
 }
 
+fn secs(v: Option<u64>, default: Duration) -> Duration {
+    v.map(Duration::from_secs).unwrap_or(default)
+}
+
 fn ms(v: Option<u64>, default: Duration) -> Duration {
     v.map(Duration::from_millis).unwrap_or(default)
 }
@@ -226,12 +255,32 @@ impl BrokerFile {
                 max_auth_attempts_per_connection: l
                     .max_auth_attempts_per_connection
                     .unwrap_or(dl.max_auth_attempts_per_connection),
-                max_concurrent_hashes: l.max_concurrent_hashes.unwrap_or(dl.max_concurrent_hashes),
-                auth_cache_ttl: l
-                    .auth_cache_ttl_secs
-                    .map(Duration::from_secs)
-                    .unwrap_or(dl.auth_cache_ttl),
+                auth: AuthConfig {
+                    max_hashes: l.max_concurrent_hashes.unwrap_or(dl.auth.max_hashes),
+                    cache_ttl: l
+                        .auth_cache_ttl_secs
+                        .map(Duration::from_secs)
+                        .unwrap_or(dl.auth.cache_ttl),
+                    hashes_per_minute_per_source: l
+                        .auth_hashes_per_minute_per_source
+                        .unwrap_or(dl.auth.hashes_per_minute_per_source),
+                    lockout: LockoutPolicy {
+                        threshold: l.lockout_threshold.unwrap_or(dl.auth.lockout.threshold),
+                        window: secs(l.lockout_window_secs, dl.auth.lockout.window),
+                        base: secs(l.lockout_base_secs, dl.auth.lockout.base),
+                        max: secs(l.lockout_max_secs, dl.auth.lockout.max),
+                    },
+                },
                 hello_timeout: ms(l.hello_timeout_ms, dl.hello_timeout),
+                idle_timeout: secs(l.idle_timeout_secs, dl.idle_timeout),
+                max_tunnel_lifetime: secs(l.max_tunnel_lifetime_secs, dl.max_tunnel_lifetime),
+                max_tunnels: l.max_tunnels.unwrap_or(dl.max_tunnels),
+                max_tunnels_per_account: l
+                    .max_tunnels_per_account
+                    .unwrap_or(dl.max_tunnels_per_account),
+                max_connections_per_source: l
+                    .max_connections_per_source
+                    .unwrap_or(dl.max_connections_per_source),
                 revalidate_every: ms(l.revalidate_ms, dl.revalidate_every),
                 cert_reload_every: ms(l.cert_reload_ms, dl.cert_reload_every),
                 drain_timeout: ms(l.drain_timeout_ms, dl.drain_timeout),
@@ -261,11 +310,22 @@ impl BrokerSettings {
             message: message.into(),
         };
         let l = &self.limits;
+        if l.max_tunnels == 0
+            || l.max_tunnels_per_account == 0
+            || l.max_connections_per_source == 0
+            || l.idle_timeout.is_zero()
+            || l.max_tunnel_lifetime.is_zero()
+        {
+            return Err(inv("limits", "tunnel and connection limits must be above zero"));
+        }
         if l.max_connections == 0 {
             return Err(inv("max_connections", "must be at least 1"));
         }
-        if l.max_concurrent_hashes == 0 {
+        if l.auth.max_hashes == 0 {
             return Err(inv("max_concurrent_hashes", "must be at least 1"));
+        }
+        if l.auth.lockout.threshold == 0 || l.auth.hashes_per_minute_per_source == 0 {
+            return Err(inv("lockout_threshold", "limits must be at least 1"));
         }
         if l.handshake_timeout.is_zero() || l.head_timeout.is_zero() {
             return Err(inv("timeouts", "must be above zero"));

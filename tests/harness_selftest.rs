@@ -204,25 +204,41 @@ fn sshd_host_key_is_checked_strictly() {
 }
 
 #[test]
-fn sshd_over_a_closed_listener_after_drop() {
+fn sshd_drop_closes_listener_and_kills_sessions() {
     let sshd = Sshd::start();
     let addr = sshd.addr();
     // An idle connection holds an sshd -i process open.
     let mut idle = TcpStream::connect(addr).unwrap();
     let mut banner = String::new();
     idle.set_read_timeout(Some(T)).unwrap();
-    BufReader::new(idle.try_clone().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
+    BufReader::new(idle.try_clone().unwrap()).read_line(&mut banner).unwrap();
     assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner:?}");
     drop(sshd);
-    // The listener is closed and the sshd -i for our connection is killed.
-    assert!(
-        TcpStream::connect(addr).is_err(),
-        "listener still open after drop"
-    );
+    assert!(TcpStream::connect(addr).is_err(), "listener still open after drop");
+    // The sshd -i serving our idle connection was killed: EOF (or reset)
+    // arrives now, not at the 30 s read timeout.
+    let t0 = Instant::now();
     let mut rest = Vec::new();
-    let _ = idle.read_to_end(&mut rest);
+    let r = idle.read_to_end(&mut rest);
+    assert!(t0.elapsed() < Duration::from_secs(10), "sshd -i outlived Drop: {r:?}");
+}
+
+#[test]
+fn ssh_through_a_proxy_command_to_a_maint_host_name() {
+    // As through proxytunnel: ssh checks the host key under the maint name
+    // (and lowercases it); the `*` known_hosts line matches any name.
+    let sshd = Sshd::start();
+    let out = run_with_timeout(
+        Command::new(require_tool("ssh"))
+            .args(sshd.ssh_base_args())
+            .arg("-o")
+            .arg(format!("ProxyCommand=socat - TCP:127.0.0.1:{}", sshd.port()))
+            .arg(format!("{}@1234-Web01.maint.example.com", sshd.user()))
+            .arg("echo via proxy"),
+        T,
+    );
+    assert_ok("ssh with ProxyCommand", &out);
+    assert_eq!(stdout_of(&out), "via proxy\n");
 }
 
 #[test]

@@ -131,11 +131,7 @@ impl Broker {
             &settings.domain,
             settings.client_port(local_addr),
         );
-        let auth = Authenticator::new(
-            store.clone(),
-            settings.limits.max_concurrent_hashes,
-            settings.limits.auth_cache_ttl,
-        );
+        let auth = Authenticator::new(store.clone(), settings.limits.auth.clone());
         Ok(Broker {
             state: Arc::new(BrokerState {
                 settings,
@@ -179,6 +175,7 @@ impl Broker {
             cancel.clone(),
         ));
         tracker.spawn(revalidate(state.clone(), cancel.clone()));
+        tracker.spawn(prune_auth(state.clone(), cancel.clone()));
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -225,6 +222,16 @@ impl Broker {
             );
         } else {
             info!("drained");
+        }
+    }
+}
+
+/// Forget idle per-source and per-account authentication state.
+async fn prune_auth(state: Arc<BrokerState>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => state.auth.prune(),
         }
     }
 }

@@ -1,27 +1,42 @@
 //! Proxy-account authentication.
 //!
-//! Every failure costs one Argon2id verification: an unknown user is
-//! checked against a dummy hash, so timing does not tell which names
-//! exist. Verifications run on the blocking pool behind a semaphore,
-//! because Argon2 is itself a denial-of-service lever. A success is cached
-//! briefly under an HMAC of (user, password, stored hash): a password change
-//! invalidates the entry, and the account's `enabled` flag is read from the
-//! store on every request, so disabling takes effect at once.
+//! Every checked failure costs one Argon2id verification: an unknown user
+//! and a locked account are checked against a dummy hash, so timing does
+//! not tell which names exist or which are locked, and the answer is the
+//! same 407. Verifications run on the blocking pool behind a semaphore,
+//! because Argon2 is itself a denial-of-service lever.
+//!
+//! Layers, in order:
+//! 1. A success cache keyed by HMAC(user, password, stored hash): a password
+//!    change invalidates it; `enabled` is read from the store every time.
+//! 2. Per source: at most [`MAX_INFLIGHT_PER_SOURCE`] verifications in
+//!    flight, and a governor rate limit on hash work. A source over either
+//!    gets the 407 without any hashing, so one source cannot starve others.
+//! 3. Per account: lockout after repeated failures, growing duration.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
+use tracing::warn;
 
 use super::basic::Credentials;
+use super::lockout::{LockoutPolicy, Lockouts};
+use crate::logsafe::escape;
 use crate::secret;
 use crate::store::{Store, StoreError};
 
 /// Most cached successes kept at once.
 const MAX_CACHE_ENTRIES: usize = 10_000;
+/// Verifications one source may have in flight.
+pub const MAX_INFLIGHT_PER_SOURCE: usize = 2;
 
 /// An authenticated proxy account.
 #[derive(Debug, Clone)]
@@ -38,8 +53,47 @@ pub struct AuthedAccount {
 pub enum AuthError {
     #[error("wrong user or password")]
     BadCredentials,
+    #[error("source is over its authentication budget")]
+    Throttled,
     #[error("store unavailable: {0}")]
     Store(#[from] StoreError),
+}
+
+/// Tunables of the authenticator.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Concurrent Argon2 verifications, broker-wide.
+    pub max_hashes: usize,
+    /// How long a verified password stays cached.
+    pub cache_ttl: Duration,
+    /// Verifications per minute per source (burst the same).
+    pub hashes_per_minute_per_source: u32,
+    /// Account lockout rules.
+    pub lockout: LockoutPolicy,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            max_hashes: 2,
+            cache_ttl: Duration::from_secs(60),
+            hashes_per_minute_per_source: 60,
+            lockout: LockoutPolicy::default(),
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    /// Failed checks (bad credentials, locked, throttled).
+    pub failures: AtomicU64,
+    /// Lockouts started.
+    pub lockouts: AtomicU64,
+    /// Attempts refused without hashing (source over budget).
+    pub throttled: AtomicU64,
+    /// Argon2 verifications run.
+    pub hashes: AtomicU64,
 }
 
 /// Checks proxy credentials against the store.
@@ -48,30 +102,76 @@ pub struct Authenticator {
     store: Store,
     /// Bounds concurrent Argon2 verifications.
     hashers: Arc<Semaphore>,
+    /// Highest number of concurrent verifications seen (tests, metrics).
+    max_seen: AtomicU64,
+    /// Verifications running now.
+    running: AtomicU64,
     /// HMAC(user, password, hash) → expiry of a cached success.
     cache: Mutex<HashMap<[u8; 32], Instant>>,
     /// Per-process key for the cache HMAC.
     cache_key: [u8; 32],
-    /// How long a success stays cached.
-    ttl: Duration,
+    /// Settings.
+    config: AuthConfig,
+    /// Verifications in flight per source.
+    inflight: Mutex<HashMap<IpAddr, usize>>,
+    /// Hash work per source.
+    per_source: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failure counting and lockout per account.
+    lockouts: Lockouts,
+    /// Counters.
+    pub counters: AuthCounters,
+}
+
+/// Releases a source's in-flight slot on drop.
+struct InflightGuard<'a> {
+    auth: &'a Authenticator,
+    source: IpAddr,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self.auth.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.source);
+            }
+        }
+    }
 }
 
 impl Authenticator {
-    /// An authenticator allowing `max_hashes` concurrent verifications and
-    /// caching successes for `ttl`.
-    pub fn new(store: Store, max_hashes: usize, ttl: Duration) -> Authenticator {
+    /// An authenticator over `store`.
+    pub fn new(store: Store, config: AuthConfig) -> Authenticator {
+        let per_min = NonZeroU32::new(config.hashes_per_minute_per_source.max(1)).unwrap_or(NonZeroU32::MIN);
         Authenticator {
             store,
-            hashers: Arc::new(Semaphore::new(max_hashes.max(1))),
+            hashers: Arc::new(Semaphore::new(config.max_hashes.max(1))),
+            max_seen: AtomicU64::new(0),
+            running: AtomicU64::new(0),
             cache: Mutex::new(HashMap::new()),
             cache_key: rand::random(),
-            ttl,
+            per_source: RateLimiter::keyed(Quota::per_minute(per_min)),
+            lockouts: Lockouts::new(config.lockout.clone()),
+            config,
+            inflight: Mutex::new(HashMap::new()),
+            counters: AuthCounters::default(),
         }
     }
 
-    /// The semaphore bounding concurrent hashes (for tests and metrics).
-    pub fn hash_permits_available(&self) -> usize {
-        self.hashers.available_permits()
+    /// Most verifications that ever ran at once.
+    pub fn max_concurrent_hashes_seen(&self) -> u64 {
+        self.max_seen.load(Ordering::Relaxed)
+    }
+
+    /// Forget idle per-source and per-account state (call periodically).
+    pub fn prune(&self) {
+        self.per_source.retain_recent();
+        self.per_source.shrink_to_fit();
+        self.lockouts.prune(Instant::now());
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, exp| *exp > now);
     }
 
     fn cache_tag(&self, creds: &Credentials, hash: &str) -> [u8; 32] {
@@ -85,44 +185,80 @@ impl Authenticator {
         mac.finalize().into_bytes().into()
     }
 
-    /// Verify `creds`.
+    fn fail(&self) -> AuthError {
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        AuthError::BadCredentials
+    }
+
+    /// Verify `creds` presented from `source`.
     ///
     /// # Errors
-    /// [`AuthError::BadCredentials`] for an unknown user, a wrong password
-    /// or a disabled account (indistinguishable to the caller);
+    /// [`AuthError::BadCredentials`] for an unknown user, a wrong password,
+    /// a disabled or locked account; [`AuthError::Throttled`] when the
+    /// source is over budget (callers answer both with the same 407);
     /// [`AuthError::Store`] when the store fails.
-    pub async fn verify(&self, creds: &Credentials) -> Result<AuthedAccount, AuthError> {
+    pub async fn verify(&self, creds: &Credentials, source: IpAddr) -> Result<AuthedAccount, AuthError> {
         let account = self.store.account_by_name(&creds.user).await?;
-        let hash = account
-            .as_ref()
-            .map(|a| a.password_hash.clone())
-            .unwrap_or_else(|| secret::dummy_hash().to_string());
+        let stored = account.as_ref().map(|a| a.password_hash.clone());
+        let hash = stored.clone().unwrap_or_else(|| secret::dummy_hash().to_string());
         let tag = self.cache_tag(creds, &hash);
         if let Some(a) = &account {
             let hit = {
                 let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 cache.get(&tag).is_some_and(|exp| *exp > Instant::now())
             };
-            if hit && a.enabled {
+            if hit && a.enabled && !self.lockouts.is_locked(&a.name, Instant::now()) {
                 return Ok(AuthedAccount {
                     id: a.id,
                     name: a.name.clone(),
                 });
             }
         }
+
+        // Per-source budget, before any hashing.
+        let _slot = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(source).or_insert(0);
+            if *n >= MAX_INFLIGHT_PER_SOURCE {
+                drop(m);
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(AuthError::Throttled);
+            }
+            *n += 1;
+            InflightGuard { auth: self, source }
+        };
+        if self.per_source.check_key(&source).is_err() {
+            self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::Throttled);
+        }
+
+        let locked = account
+            .as_ref()
+            .is_some_and(|a| self.lockouts.is_locked(&a.name, Instant::now()));
+        // A locked account is checked against the dummy hash: same cost,
+        // same answer, and the real hash is not exercised.
+        let check_hash = if locked {
+            secret::dummy_hash().to_string()
+        } else {
+            hash
+        };
         let ok = {
-            let _permit = self
-                .hashers
-                .acquire()
-                .await
-                .map_err(|_| AuthError::BadCredentials)?;
+            let _permit = self.hashers.acquire().await.map_err(|_| self.fail())?;
+            let now = self.running.fetch_add(1, Ordering::Relaxed) + 1;
+            self.max_seen.fetch_max(now, Ordering::Relaxed);
+            self.counters.hashes.fetch_add(1, Ordering::Relaxed);
             let pw = creds.password.clone();
-            tokio::task::spawn_blocking(move || secret::verify_password(&pw, &hash))
+            let ok = tokio::task::spawn_blocking(move || secret::verify_password(&pw, &check_hash))
                 .await
-                .unwrap_or(false)
+                .unwrap_or(false);
+            self.running.fetch_sub(1, Ordering::Relaxed);
+            ok
         };
         match account {
-            Some(a) if ok && a.enabled => {
+            Some(a) if ok && a.enabled && !locked => {
+                self.lockouts.record_success(&a.name);
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= MAX_CACHE_ENTRIES {
                     let now = Instant::now();
@@ -131,13 +267,22 @@ impl Authenticator {
                         cache.clear();
                     }
                 }
-                cache.insert(tag, Instant::now() + self.ttl);
+                cache.insert(tag, Instant::now() + self.config.cache_ttl);
                 Ok(AuthedAccount {
                     id: a.id,
                     name: a.name,
                 })
             }
-            _ => Err(AuthError::BadCredentials),
+            Some(a) => {
+                if !locked {
+                    if let Some(d) = self.lockouts.record_failure(&a.name, Instant::now()) {
+                        self.counters.lockouts.fetch_add(1, Ordering::Relaxed);
+                        warn!(account = %escape(&a.name, 64), %source, lockout_secs = d.as_secs(), "account locked after repeated failures");
+                    }
+                }
+                Err(self.fail())
+            }
+            None => Err(self.fail()),
         }
     }
 }

@@ -141,7 +141,7 @@ pub async fn serve(
             };
             match route(&head) {
                 Route::Connect => {
-                    match prepare_connect(&state, &head).await {
+                    match prepare_connect(&state, &head, conn.peer).await {
                         Ok(ready) => {
                             run_tunnel(&state, conn, ready, cancel).await;
                             return;
@@ -236,14 +236,20 @@ struct Ready {
 
 /// Steps 1-4 of routing (product.md): authenticate, authorize, find the
 /// agent, check the announced policy.
-async fn prepare_connect(state: &BrokerState, head: &RequestHead) -> Result<Ready, FrontError> {
+async fn prepare_connect(
+    state: &BrokerState,
+    head: &RequestHead,
+    peer: SocketAddr,
+) -> Result<Ready, FrontError> {
     let dest = parse_target(&head.target, &state.settings.domain)?;
     let creds = match head.header("proxy-authorization") {
         Some(v) => decode_basic(v)?,
         None => return Err(FrontError::AuthRequired),
     };
-    let account = state.auth().verify(&creds).await.map_err(|e| match e {
-        super::auth::AuthError::BadCredentials => FrontError::AuthRequired,
+    let account = state.auth().verify(&creds, peer.ip()).await.map_err(|e| match e {
+        super::auth::AuthError::BadCredentials | super::auth::AuthError::Throttled => {
+            FrontError::AuthRequired
+        }
         super::auth::AuthError::Store(e) => FrontError::Store(e.to_string()),
     })?;
     let store = state.store();
@@ -268,6 +274,14 @@ async fn prepare_connect(state: &BrokerState, head: &RequestHead) -> Result<Read
         None => Target::SelfPort(dest.port),
     };
     agent.hello.policy.check(&target, Enforcement::Broker)?;
+    let limits = &state.settings.limits;
+    let tunnels = state.registry().tunnels();
+    if tunnels.len() >= limits.max_tunnels {
+        return Err(FrontError::Overloaded);
+    }
+    if tunnels.iter().filter(|t| t.account_id == account.id).count() >= limits.max_tunnels_per_account {
+        return Err(FrontError::Busy("too many tunnels for this account"));
+    }
     Ok(Ready {
         account_id: account.id,
         account: account.name,
@@ -316,13 +330,25 @@ async fn run_tunnel(
     async move {
         info!(target = %ready.target, "tunnel up");
         let leftover = conn.buf.split().freeze();
-        let end = relay(stream, conn.io, leftover, tunnel_cancel, info.stats.clone()).await;
+        let limits = &state.settings.limits;
+        let relay_fut = relay(stream, conn.io, leftover, tunnel_cancel.clone(), info.stats.clone());
+        tokio::pin!(relay_fut);
+        let (end, reason) = tokio::select! {
+            end = &mut relay_fut => {
+                let reason = end.label();
+                (end, reason)
+            }
+            why = crate::mux::expiry(&info.stats, limits.idle_timeout, limits.max_tunnel_lifetime) => {
+                tunnel_cancel.cancel();
+                (relay_fut.await, why.label())
+            }
+        };
         let (sent, received) = info.stats.get();
         if matches!(end, crate::mux::RelayEnd::LocalError(_)) {
             warn!(?end, sent, received, "tunnel ended with an error");
         } else {
             info!(
-                end = end.label(),
+                end = reason,
                 client_to_target = sent,
                 target_to_client = received,
                 "tunnel closed"

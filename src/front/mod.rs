@@ -5,3 +5,4 @@ pub mod basic;
 pub mod conn;
 pub mod head;
 pub mod status;
+pub mod lockout;

@@ -136,6 +136,9 @@ pub fn rescue(e: &FrontError) -> Response {
         FrontError::Forbidden(d) => Response::new(403, d.reason()),
         FrontError::AgentForbidden(_) => Response::new(403, "Forbidden by the site agent's policy"),
         FrontError::Offline => Response::new(503, "System offline: no agent connected"),
+        FrontError::Busy(what) if what.contains("account") => {
+            Response::new(503, "Too many tunnels for this account")
+        }
         FrontError::Busy(_) => Response::new(503, "Agent busy: too many tunnels"),
         FrontError::TargetRefused(_) => Response::new(502, "Target refused the connection"),
         FrontError::TargetUnreachable(_) => Response::new(502, "Target unreachable from the site"),

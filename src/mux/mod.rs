@@ -11,7 +11,7 @@ pub mod relay;
 pub mod session;
 
 pub use frame::{Frame, OpenErrCode, RstCode, Target};
-pub use relay::{relay, RelayEnd, RelayStats};
+pub use relay::{expiry, relay, Expiry, RelayEnd, RelayStats};
 pub use session::{Incoming, Mux, MuxConfig, MuxStream, OpenError, Role, SessionEnd};
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -60,6 +61,50 @@ impl RelayEnd {
             RelayEnd::PeerReset(_) => "peer-reset",
             RelayEnd::SessionLost => "agent-link-lost",
             RelayEnd::Killed => "killed",
+        }
+    }
+}
+
+/// Why a tunnel was ended by its own limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No byte moved either way for the idle timeout.
+    Idle,
+    /// The tunnel reached its maximum lifetime.
+    Lifetime,
+}
+
+impl Expiry {
+    /// A short label for logs and audit.
+    pub fn label(self) -> &'static str {
+        match self {
+            Expiry::Idle => "idle-timeout",
+            Expiry::Lifetime => "max-lifetime",
+        }
+    }
+}
+
+/// Resolve when the tunnel behind `stats` has been idle for `idle`, or has
+/// lived for `lifetime`, whichever comes first. Checks a few times per
+/// idle period, so idleness is noticed within `idle * 5 / 4`.
+pub async fn expiry(stats: &RelayStats, idle: Duration, lifetime: Duration) -> Expiry {
+    let end_of_life = tokio::time::Instant::now() + lifetime;
+    let step = (idle / 4).max(Duration::from_millis(10));
+    let mut last = stats.get();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        let next = (tokio::time::Instant::now() + step).min(end_of_life);
+        tokio::time::sleep_until(next).await;
+        let now = tokio::time::Instant::now();
+        if now >= end_of_life {
+            return Expiry::Lifetime;
+        }
+        let cur = stats.get();
+        if cur != last {
+            last = cur;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= idle {
+            return Expiry::Idle;
         }
     }
 }
@@ -186,4 +231,40 @@ where
         RelayEnd::LocalError(_) => mux.reset(id, RstCode::Cancel),
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_lifetime() {
+        let stats = RelayStats::default();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            expiry(&stats, Duration::from_secs(60), Duration::from_secs(3600)).await,
+            Expiry::Idle
+        );
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(76), "{waited:?}");
+
+        // Traffic keeps it alive until the lifetime ends.
+        let stats = Arc::new(RelayStats::default());
+        let busy = {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            expiry(&stats, Duration::from_secs(60), Duration::from_secs(600)).await,
+            Expiry::Lifetime
+        );
+        assert_eq!(t0.elapsed(), Duration::from_secs(600));
+        busy.abort();
+    }
 }

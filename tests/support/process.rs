@@ -154,7 +154,7 @@ pub fn kill_group(pgid: u32) {
     assert!(pgid > 1, "refusing to kill process group {pgid}");
     let _ = Command::new("sh")
         .arg("-c")
-        .arg(format!("kill -KILL -- -{pgid} 2>/dev/null"))
+        .arg(format!("kill -KILL -{pgid} 2>/dev/null"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
