@@ -316,7 +316,10 @@ impl BrokerSettings {
             || l.idle_timeout.is_zero()
             || l.max_tunnel_lifetime.is_zero()
         {
-            return Err(inv("limits", "tunnel and connection limits must be above zero"));
+            return Err(inv(
+                "limits",
+                "tunnel and connection limits must be above zero",
+            ));
         }
         if l.max_connections == 0 {
             return Err(inv("max_connections", "must be at least 1"));

@@ -202,6 +202,62 @@ fn check_credentials(c: &Credentials) {
     );
 }
 
+/// Mux frames: decoding never panics, and whatever decodes re-encodes to
+/// the same bytes and decodes to the same frames.
+pub fn mux_frames(data: &[u8]) {
+    use crate::mux::frame::Frame;
+    let msg = bytes::Bytes::copy_from_slice(data);
+    if let Ok(frames) = Frame::decode_all(msg) {
+        let mut out = bytes::BytesMut::new();
+        for f in &frames {
+            f.encode(&mut out);
+        }
+        let again = Frame::decode_all(out.freeze()).expect("re-encoded frames decode");
+        assert_eq!(again, frames);
+    }
+}
+
+/// Agent control messages: a HELLO parses or is refused; a parsed HELLO
+/// respects every limit and round-trips through JSON.
+pub fn hello(data: &[u8]) {
+    use crate::policy::{Hello, MAX_SERVICES, MAX_TUNNELS, MAX_VERSION_LEN};
+    if let Ok(h) = Hello::parse(data) {
+        assert!(!h.version.is_empty() && h.version.len() <= MAX_VERSION_LEN);
+        assert!(h.policy.services.len() <= MAX_SERVICES);
+        assert!(h.policy.tunnels.len() <= MAX_TUNNELS);
+        assert!(!h.policy.services.contains(&0));
+        let json = serde_json::to_vec(&h).expect("serializes");
+        assert_eq!(Hello::parse(&json).expect("re-parses"), h);
+    }
+}
+
+/// Config loaders: broker and agent TOML either fail cleanly or validate
+/// into settings within their limits.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(file) = toml::from_str::<crate::config::BrokerFile>(text) {
+        if let Ok(s) = file.into_settings() {
+            assert!(s.limits.max_connections > 0);
+            assert!(s.mux.window >= 16 * 1024);
+            assert!(!s.domain.is_empty() && s.domain == s.domain.to_ascii_lowercase());
+        }
+    }
+    if let Ok(file) = toml::from_str::<crate::agent::config::AgentFile>(text) {
+        let token = crate::secret::Secret::new("t".into());
+        if let Ok(s) = crate::agent::AgentSettings::from_parts(
+            file,
+            "wss://maint.example.com:6443/agent".into(),
+            token,
+            None,
+        ) {
+            assert!(s.policy.validate().is_ok());
+            assert!(s.reconnect_max >= s.reconnect_min);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,11 +293,29 @@ mod tests {
     }
 
     #[test]
+    fn seed_corpus_mux_frames() {
+        assert!(run_corpus("mux_frames", mux_frames) >= 5);
+    }
+
+    #[test]
+    fn seed_corpus_hello() {
+        assert!(run_corpus("hello", hello) >= 4);
+    }
+
+    #[test]
+    fn seed_corpus_config() {
+        assert!(run_corpus("config", config) >= 4);
+    }
+
+    #[test]
     fn small_inputs() {
         for data in [&b""[..], b"\r\n\r\n", b"\xff", b":", b"a:1"] {
             dest(data);
             connect_head(data);
             basic(data);
+            mux_frames(data);
+            hello(data);
+            config(data);
         }
     }
 }

@@ -7,19 +7,25 @@
 //! ## Layout — the map of modules
 //! (see ARCHITECTURE.md for the full code map and invariants)
 #![forbid(unsafe_code)]
+pub mod admin;
 pub mod agent;
+pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod connect_info;
+pub mod demo;
 pub mod dest;
 pub mod front;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod logsafe;
 pub mod manage;
+pub mod metrics;
 pub mod mux;
 pub mod pac;
 pub mod policy;
 pub mod registry;
 pub mod secret;
 pub mod store;
+pub mod timefmt;
 pub mod tls;

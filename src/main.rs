@@ -79,11 +79,54 @@ enum Cmd {
     /// Manage systems and agent tokens.
     #[command(subcommand)]
     System(manage::SystemCmd),
+    /// List audit records (tunnels, refused CONNECTs, agent sessions,
+    /// admin actions), oldest first.
+    Audit(maintgate::audit::AuditArgs),
+    /// Run a broker, an agent and demo targets in one process, with
+    /// temporary data, and print commands to try.
+    Demo {
+        /// Proxy listener, loopback only [default: 127.0.0.1:6443, or a
+        /// free port when 6443 is taken].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print ready-to-paste instructions for reaching a destination
+    /// through the broker: ssh, PuTTY, plink, RDP, browser URLs, curl.
+    /// Credentials appear only as placeholders or PROXYUSER/PROXYPASS.
+    ConnectInfo {
+        /// Customer id (letters and digits).
+        customer: String,
+        /// Named system [default: the customer's primary system].
+        #[arg(long)]
+        system: Option<String>,
+        /// Co-located server behind the system (dotted decimal IPv4).
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Service port [default: 22 for ssh, PuTTY and plink; RDP and
+        /// curl use 3389 and 443 unless this is given].
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        port: Option<u16>,
+        /// Print JSON instead of text (same content).
+        #[arg(long)]
+        json: bool,
+        /// The maint domain [default: from --config, else maint.localhost].
+        #[arg(long)]
+        domain: Option<String>,
+        /// Host name clients connect to [default: the domain].
+        #[arg(long)]
+        proxy_host: Option<String>,
+        /// Port clients connect to [default: public_port, else the listen
+        /// port from --config, else 6443].
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        proxy_port: Option<u16>,
+    },
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rustls warns on every IP-literal SNI (proxytunnel sends one when
+        // `-p` is an IP), which is normal for us.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -152,6 +195,11 @@ fn main() -> Result<()> {
             rt.block_on(async {
                 let broker = Broker::bind(settings).await?;
                 println!("maintgate: listening on {}", broker.local_addr());
+                println!(
+                    "maintgate: admin API on {} (bearer token in {})",
+                    broker.admin_addr(),
+                    broker.state().admin_token().path().display()
+                );
                 broker.run(shutdown_signal()).await;
                 Ok::<_, anyhow::Error>(())
             })?;
@@ -204,6 +252,53 @@ fn main() -> Result<()> {
                 &mut std::io::stdin().lock(),
                 &mut std::io::stdout(),
             )?;
+        }
+        Cmd::Audit(args) => {
+            let s = open_store(&cli)?;
+            maintgate::audit::run_audit(args, &s, &mut std::io::stdout())?;
+        }
+        Cmd::Demo { listen } => {
+            let opts = maintgate::demo::DemoOptions { listen: *listen };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(maintgate::demo::run(
+                opts,
+                shutdown_signal(),
+                &mut std::io::stdout(),
+            ))?;
+        }
+        Cmd::ConnectInfo {
+            customer,
+            system,
+            ip,
+            port,
+            json,
+            domain,
+            proxy_host,
+            proxy_port,
+        } => {
+            use maintgate::connect_info::{self, BrokerInfo, ConnectRequest};
+            let mut file = broker_file(&cli)?;
+            file.domain = domain.clone().or(file.domain);
+            let settings = file.into_settings()?;
+            let broker = BrokerInfo {
+                proxy_host: proxy_host
+                    .clone()
+                    .unwrap_or_else(|| settings.domain.clone()),
+                proxy_port: proxy_port.unwrap_or(settings.client_port(settings.listen)),
+                domain: settings.domain,
+            };
+            let req = ConnectRequest {
+                customer: customer.clone(),
+                system: system.clone(),
+                ip: *ip,
+                port: *port,
+            };
+            let info = connect_info::render(&req, &broker)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", info.to_text());
+            }
         }
     }
     Ok(())

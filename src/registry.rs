@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,18 @@ pub struct TunnelInfo {
     pub stats: Arc<RelayStats>,
     /// Cancelling ends the tunnel (kill, account disabled, shutdown).
     pub cancel: CancellationToken,
+    /// Why it was cancelled, set by whoever cancels it (first one wins),
+    /// for the audit record's close reason.
+    pub end_reason: OnceLock<&'static str>,
+}
+
+impl TunnelInfo {
+    /// End the tunnel, recording `reason` as its close reason unless one
+    /// was already given.
+    pub fn end_because(&self, reason: &'static str) {
+        let _ = self.end_reason.set(reason);
+        self.cancel.cancel();
+    }
 }
 
 /// Agent sessions and tunnels of one broker.
@@ -72,6 +84,10 @@ pub struct Registry {
     tunnels: Mutex<HashMap<u64, Arc<TunnelInfo>>>,
     /// Id source for sessions and tunnels.
     next_id: AtomicU64,
+    /// Bytes (client → target, target → client) of tunnels that have
+    /// ended. Added under the `tunnels` lock as a tunnel is removed, so
+    /// [`Registry::bytes_total`] never counts a tunnel twice or not at all.
+    finished_bytes: (AtomicU64, AtomicU64),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,13 +148,35 @@ impl Registry {
 
     /// End a tunnel by id. Returns whether it existed.
     pub fn kill_tunnel(&self, id: u64) -> bool {
+        self.kill_tunnel_because(id, "killed")
+    }
+
+    /// End a tunnel by id, recording `reason` as its close reason. Returns
+    /// whether it existed.
+    pub fn kill_tunnel_because(&self, id: u64, reason: &'static str) -> bool {
         match lock(&self.tunnels).get(&id) {
             Some(t) => {
-                t.cancel.cancel();
+                t.end_because(reason);
                 true
             }
             None => false,
         }
+    }
+
+    /// Bytes carried by every tunnel so far, running ones included:
+    /// `(client → target, target → client)`. Monotonic.
+    pub fn bytes_total(&self) -> (u64, u64) {
+        let tunnels = lock(&self.tunnels);
+        let (mut up, mut down) = (
+            self.finished_bytes.0.load(Ordering::Relaxed),
+            self.finished_bytes.1.load(Ordering::Relaxed),
+        );
+        for t in tunnels.values() {
+            let (u, d) = t.stats.get();
+            up = up.saturating_add(u);
+            down = down.saturating_add(d);
+        }
+        (up, down)
     }
 }
 
@@ -151,6 +189,12 @@ pub struct TunnelGuard {
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        lock(&self.registry.tunnels).remove(&self.info.id);
+        let mut tunnels = lock(&self.registry.tunnels);
+        if tunnels.remove(&self.info.id).is_some() {
+            let (up, down) = self.info.stats.get();
+            let finished = &self.registry.finished_bytes;
+            finished.0.fetch_add(up, Ordering::Relaxed);
+            finished.1.fetch_add(down, Ordering::Relaxed);
+        }
     }
 }

@@ -169,6 +169,75 @@ pub fn verify_password(pw: &str, phc: &str) -> bool {
         .is_ok()
 }
 
+/// A password verifier that owns its Argon2 memory.
+///
+/// [`verify_password`] allocates the whole Argon2 memory (19 MiB at our
+/// parameters) on every call. Under a login flood those allocations spread
+/// over malloc arenas and are kept. A `Verifier` allocates once and reuses
+/// the buffer, so a hashing thread's memory stays the same however many
+/// checks it runs.
+#[derive(Default)]
+pub struct Verifier {
+    /// Argon2 working memory, grown to the largest `m_cost` seen.
+    blocks: Vec<argon2::Block>,
+}
+
+impl Verifier {
+    /// A verifier with no memory yet (it grows on first use).
+    #[must_use]
+    pub fn new() -> Verifier {
+        Verifier::default()
+    }
+
+    /// Check `pw` against the PHC string `phc`; same answers as
+    /// [`verify_password`]. The comparison is constant-time.
+    #[must_use]
+    pub fn verify(&mut self, pw: &str, phc: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        if pw.len() > MAX_PASSWORD_BYTES {
+            return false;
+        }
+        let Ok(parsed) = PasswordHash::new(phc) else {
+            return false;
+        };
+        let (Ok(algorithm), Ok(params)) = (
+            argon2::Algorithm::try_from(parsed.algorithm),
+            argon2::Params::try_from(&parsed),
+        ) else {
+            return false;
+        };
+        let version = parsed
+            .version
+            .and_then(|v| argon2::Version::try_from(v).ok())
+            .unwrap_or_default();
+        let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+            return false;
+        };
+        let mut salt_buf = [0u8; 64];
+        let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+            return false;
+        };
+        let want = expected.as_bytes();
+        let mut out = [0u8; 64];
+        if want.len() > out.len() {
+            return false;
+        }
+        let needed = params.block_count();
+        if self.blocks.len() < needed {
+            self.blocks.resize(needed, argon2::Block::default());
+        }
+        let ctx = Argon2::new(algorithm, version, params);
+        let out = &mut out[..want.len()];
+        if ctx
+            .hash_password_into_with_memory(pw.as_bytes(), salt, out, &mut self.blocks[..needed])
+            .is_err()
+        {
+            return false;
+        }
+        out.ct_eq(want).into()
+    }
+}
+
 /// A valid Argon2id PHC string with the production parameters, computed once
 /// per process.
 ///
@@ -354,5 +423,31 @@ mod tests {
         for bad in ["", "a:b", "a b", "ä", "a/b", &"a".repeat(65), "a\n"] {
             assert!(!valid_user_name(bad), "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod verifier_tests {
+    use super::*;
+
+    #[test]
+    fn verifier_agrees_with_verify_password() {
+        let phc = hash_password("correct horse").unwrap();
+        let mut v = Verifier::new();
+        for (pw, want) in [
+            ("correct horse", true),
+            ("correct hors", false),
+            ("", false),
+        ] {
+            assert_eq!(v.verify(pw, &phc), want, "{pw}");
+            assert_eq!(verify_password(pw, &phc), want, "{pw}");
+        }
+        assert!(!v.verify("x", "not a phc"));
+        assert!(!v.verify("x", dummy_hash()));
+        assert!(!v.verify(&"a".repeat(MAX_PASSWORD_BYTES + 1), &phc));
+        // The buffer is reused, not regrown.
+        let cap = v.blocks.capacity();
+        assert!(v.verify("correct horse", &phc));
+        assert_eq!(v.blocks.capacity(), cap);
     }
 }

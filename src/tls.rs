@@ -185,6 +185,10 @@ pub fn load_certified_key(paths: &CertPaths) -> Result<CertifiedKey, TlsError> {
 pub struct CertResolver {
     /// The certificate handed to new handshakes.
     current: RwLock<Arc<CertifiedKey>>,
+    /// Successful reloads so far.
+    pub reloads: std::sync::atomic::AtomicU64,
+    /// Changed files that did not load (the old certificate stayed).
+    pub reload_failures: std::sync::atomic::AtomicU64,
 }
 
 impl CertResolver {
@@ -192,6 +196,8 @@ impl CertResolver {
     pub fn new(ck: CertifiedKey) -> Arc<CertResolver> {
         Arc::new(CertResolver {
             current: RwLock::new(Arc::new(ck)),
+            reloads: Default::default(),
+            reload_failures: Default::default(),
         })
     }
 
@@ -259,9 +265,15 @@ pub async fn watch_certs(
         match load_certified_key(&paths) {
             Ok(ck) => {
                 resolver.set(ck);
+                resolver
+                    .reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(cert = %paths.cert().display(), "certificate reloaded");
             }
             Err(e) => {
+                resolver
+                    .reload_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(error = %e, "certificate files changed but do not load; keeping the old certificate");
             }
         }

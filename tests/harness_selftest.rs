@@ -211,16 +211,24 @@ fn sshd_drop_closes_listener_and_kills_sessions() {
     let mut idle = TcpStream::connect(addr).unwrap();
     let mut banner = String::new();
     idle.set_read_timeout(Some(T)).unwrap();
-    BufReader::new(idle.try_clone().unwrap()).read_line(&mut banner).unwrap();
+    BufReader::new(idle.try_clone().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
     assert!(banner.starts_with("SSH-2.0-OpenSSH"), "{banner:?}");
     drop(sshd);
-    assert!(TcpStream::connect(addr).is_err(), "listener still open after drop");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "listener still open after drop"
+    );
     // The sshd -i serving our idle connection was killed: EOF (or reset)
     // arrives now, not at the 30 s read timeout.
     let t0 = Instant::now();
     let mut rest = Vec::new();
     let r = idle.read_to_end(&mut rest);
-    assert!(t0.elapsed() < Duration::from_secs(10), "sshd -i outlived Drop: {r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "sshd -i outlived Drop: {r:?}"
+    );
 }
 
 #[test]
@@ -232,7 +240,10 @@ fn ssh_through_a_proxy_command_to_a_maint_host_name() {
         Command::new(require_tool("ssh"))
             .args(sshd.ssh_base_args())
             .arg("-o")
-            .arg(format!("ProxyCommand=socat - TCP:127.0.0.1:{}", sshd.port()))
+            .arg(format!(
+                "ProxyCommand=socat - TCP:127.0.0.1:{}",
+                sshd.port()
+            ))
             .arg(format!("{}@1234-Web01.maint.example.com", sshd.user()))
             .arg("echo via proxy"),
         T,

@@ -26,6 +26,7 @@ use crate::mux::{Mux, Role};
 use crate::policy::Hello;
 use crate::registry::AgentSession;
 use crate::secret::token_hash;
+use crate::store::audit::AuditKind;
 
 /// Longest bearer token accepted (ours are 47 bytes).
 const MAX_TOKEN_LEN: usize = 128;
@@ -78,6 +79,17 @@ pub async fn serve(
         Ok(Some(s)) => s,
         Ok(None) => {
             info!(peer = %conn.peer, "agent token not accepted");
+            let _ = crate::audit::event(
+                &state,
+                AuditKind::AgentRefused,
+                crate::audit::Event {
+                    client: Some(conn.peer),
+                    status: Some(401),
+                    reason: Some("agent token not accepted".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
             refuse(&mut conn, "401 Agent token not accepted").await;
             return;
         }
@@ -134,10 +146,24 @@ pub async fn serve(
             connected_at: SystemTime::now(),
         });
         info!(version = %session.hello.version, policy = ?session.hello.policy, "agent connected");
-        if let Some(old) = registry.register(session.clone()) {
+        let replaced = registry.register(session.clone());
+        if let Some(old) = &replaced {
             info!(old_peer = %old.remote, "agent session replaced by a new connection with the same token");
             old.mux.close();
         }
+        let subject = |reason: Option<String>| crate::audit::Event {
+            client: Some(peer),
+            customer: Some(session.customer.clone()),
+            system: Some(session.system.clone()),
+            reason,
+            detail: Some(format!("version {}", session.hello.version)),
+            ..Default::default()
+        };
+        let (kind, reason) = match &replaced {
+            Some(old) => (AuditKind::AgentReplace, Some(format!("replaced the session from {}", old.remote))),
+            None => (AuditKind::AgentConnect, None),
+        };
+        let _ = crate::audit::event(&state, kind, subject(reason)).await;
         // A rotation that raced with this login: check once now.
         if let Ok(false) = state
             .store()
@@ -149,6 +175,8 @@ pub async fn serve(
         let end = done.await;
         registry.unregister(session.system_id, session.session_id);
         info!(?end, "agent disconnected");
+        let why = crate::logsafe::escape(&format!("{end:?}"), 200);
+        let _ = crate::audit::event(&state, AuditKind::AgentDisconnect, subject(Some(why))).await;
     }
     .instrument(span)
     .await

@@ -9,6 +9,11 @@
 //! notices store changes made by other processes (the CLI) and ends what
 //! they revoke: tunnels of disabled accounts or of customers no longer
 //! managed, and agent sessions whose token was rotated.
+//!
+//! [`Broker::bind`] also closes audit records left open by a crash (as
+//! `interrupted`), loads or creates the admin token and binds the admin
+//! listener ([`Broker::admin_addr`]); [`Broker::run`] serves the admin API
+//! ([`crate::admin`]) next to the proxy port and drains both on shutdown.
 
 pub mod agent_link;
 
@@ -22,7 +27,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::BrokerSettings;
 use crate::front::auth::Authenticator;
@@ -42,6 +47,8 @@ pub enum BrokerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    AdminToken(#[from] crate::admin::token::TokenError),
 }
 
 /// State shared by every connection of one broker.
@@ -62,6 +69,10 @@ pub struct BrokerState {
     cert_paths: CertPaths,
     /// The rendered PAC file.
     pac: String,
+    /// Counters and histograms for `/metrics`.
+    metrics: crate::metrics::Metrics,
+    /// The admin API's bearer token (its digest).
+    admin_token: crate::admin::token::AdminToken,
 }
 
 impl BrokerState {
@@ -85,9 +96,21 @@ impl BrokerState {
     pub fn cert_paths(&self) -> &CertPaths {
         &self.cert_paths
     }
+    /// The certificate resolver (reload counters).
+    pub fn resolver(&self) -> &Arc<CertResolver> {
+        &self.resolver
+    }
     /// The rendered PAC.
     pub fn pac(&self) -> &str {
         &self.pac
+    }
+    /// Metrics counters.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+    /// The admin token.
+    pub fn admin_token(&self) -> &crate::admin::token::AdminToken {
+        &self.admin_token
     }
 }
 
@@ -96,15 +119,36 @@ pub struct Broker {
     state: Arc<BrokerState>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The admin API's own listener, never the proxy port.
+    admin_listener: TcpListener,
+    /// Its bound address (tests bind port 0).
+    admin_addr: SocketAddr,
 }
 
 impl Broker {
-    /// Open the store, prepare TLS and bind the proxy port.
+    /// Open the store, close audit records left open by a crash, prepare
+    /// TLS and the admin token, and bind the proxy and admin ports.
     ///
     /// # Errors
-    /// [`BrokerError`] when the store, the certificates or the bind fail.
+    /// [`BrokerError`] when the store, the certificates, the admin token
+    /// or a bind fail.
     pub async fn bind(settings: BrokerSettings) -> Result<Broker, BrokerError> {
         let store = Store::open_sqlite(&crate::store::db_path(&settings.data_dir))?;
+        // Before any tunnel can run: every open record is from a crash.
+        let interrupted = store
+            .audit_close_interrupted(crate::timefmt::now_ms())
+            .await?;
+        if interrupted > 0 {
+            warn!(
+                records = interrupted,
+                "closed audit records left open by an earlier crash as interrupted"
+            );
+        }
+        let (admin_token, created) =
+            crate::admin::token::AdminToken::load_or_create(&settings.data_dir)?;
+        if created {
+            info!(file = %admin_token.path().display(), "generated the admin API token");
+        }
         let cert_paths = CertPaths {
             dir: settings.certs_dir.clone(),
         };
@@ -124,6 +168,14 @@ impl Broker {
             addr: settings.listen,
             source,
         })?;
+        let admin_bind = |source| BrokerError::Bind {
+            addr: settings.admin_listen,
+            source,
+        };
+        let admin_listener = TcpListener::bind(settings.admin_listen)
+            .await
+            .map_err(admin_bind)?;
+        let admin_addr = admin_listener.local_addr().map_err(admin_bind)?;
         // Computed now, so the first unknown-user login does not pay for it.
         let _ = crate::secret::dummy_hash();
         let pac = crate::pac::render(
@@ -142,15 +194,24 @@ impl Broker {
                 resolver,
                 cert_paths,
                 pac,
+                metrics: crate::metrics::Metrics::default(),
+                admin_token,
             }),
             listener,
             local_addr,
+            admin_listener,
+            admin_addr,
         })
     }
 
     /// The bound proxy address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// Shared state (for the admin API and tests).
@@ -163,11 +224,15 @@ impl Broker {
     /// and report what is left.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Broker {
-            state, listener, ..
+            state,
+            listener,
+            admin_listener,
+            ..
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(state.settings.limits.max_connections));
+        let per_source = SourceCounts::new(state.settings.limits.max_connections_per_source);
         tracker.spawn(tls::watch_certs(
             state.cert_paths.clone(),
             state.resolver.clone(),
@@ -175,6 +240,12 @@ impl Broker {
             cancel.clone(),
         ));
         tracker.spawn(revalidate(state.clone(), cancel.clone()));
+        tracker.spawn(crate::admin::serve(
+            state.clone(),
+            admin_listener,
+            cancel.clone(),
+            tracker.clone(),
+        ));
         tracker.spawn(prune_auth(state.clone(), cancel.clone()));
         tokio::pin!(shutdown);
         loop {
@@ -191,10 +262,17 @@ impl Broker {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    let Some(source_slot) = per_source.admit(peer.ip()) else {
+                        // Over the per-source cap: close before any TLS work.
+                        debug!(%peer, "connection refused: too many from this source");
+                        drop(tcp);
+                        continue;
+                    };
                     let state = state.clone();
                     let cancel = cancel.child_token();
                     tracker.spawn(async move {
                         crate::front::conn::serve(state, tcp, peer, cancel).await;
+                        drop(source_slot);
                         drop(permit);
                     });
                 }
@@ -222,6 +300,55 @@ impl Broker {
             );
         } else {
             info!("drained");
+        }
+    }
+}
+
+/// Open connections per source address, capped.
+#[derive(Clone)]
+struct SourceCounts {
+    /// Connections per address.
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    /// The cap.
+    max: usize,
+}
+
+/// A connection's place in [`SourceCounts`], released on drop.
+struct SourceSlot {
+    counts: SourceCounts,
+    ip: std::net::IpAddr,
+}
+
+impl SourceCounts {
+    fn new(max: usize) -> SourceCounts {
+        SourceCounts {
+            counts: Arc::default(),
+            max,
+        }
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
         }
     }
 }
@@ -269,7 +396,7 @@ pub async fn revalidate_once(state: &BrokerState) {
         };
         if !allowed {
             info!(tunnel = t.id, account = %t.account, "account disabled or customer revoked: ending tunnel");
-            t.cancel.cancel();
+            t.end_because("access-revoked");
         }
     }
     for a in state.registry.agents() {

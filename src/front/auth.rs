@@ -96,12 +96,74 @@ pub struct AuthCounters {
     pub hashes: AtomicU64,
 }
 
+/// One verification for the hasher pool.
+struct HashJob {
+    password: String,
+    phc: String,
+    answer: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// A fixed set of threads that run Argon2 verifications. Each check
+/// allocates 19 MiB; on the shared blocking pool those allocations spread
+/// over many threads and malloc arenas and are kept, so memory grows with
+/// every burst of logins. A few dedicated threads reuse theirs.
+struct HashPool {
+    jobs: std::sync::mpsc::SyncSender<HashJob>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> HashPool {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<HashJob>(threads * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("maintgate-hash-{i}"))
+                .spawn(move || {
+                    // One Argon2 buffer per thread, reused for every check.
+                    let mut verifier = secret::Verifier::new();
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let ok = verifier.verify(&job.password, &job.phc);
+                        let _ = job.answer.send(ok);
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(error = %e, "could not start a password hashing thread");
+            }
+        }
+        HashPool { jobs: tx }
+    }
+
+    /// Verify on the pool; `false` if the pool is gone.
+    async fn verify(&self, password: String, phc: String) -> bool {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        let job = HashJob {
+            password,
+            phc,
+            answer,
+        };
+        // The semaphore in front keeps at most `threads` jobs in flight,
+        // below the channel's capacity, so this never finds it full.
+        if self.jobs.try_send(job).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
 /// Checks proxy credentials against the store.
 pub struct Authenticator {
     /// Where accounts live.
     store: Store,
     /// Bounds concurrent Argon2 verifications.
     hashers: Arc<Semaphore>,
+    /// The threads that run them.
+    pool: HashPool,
     /// Highest number of concurrent verifications seen (tests, metrics).
     max_seen: AtomicU64,
     /// Verifications running now.
@@ -143,10 +205,12 @@ impl Drop for InflightGuard<'_> {
 impl Authenticator {
     /// An authenticator over `store`.
     pub fn new(store: Store, config: AuthConfig) -> Authenticator {
-        let per_min = NonZeroU32::new(config.hashes_per_minute_per_source.max(1)).unwrap_or(NonZeroU32::MIN);
+        let per_min =
+            NonZeroU32::new(config.hashes_per_minute_per_source.max(1)).unwrap_or(NonZeroU32::MIN);
         Authenticator {
             store,
             hashers: Arc::new(Semaphore::new(config.max_hashes.max(1))),
+            pool: HashPool::new(config.max_hashes.max(1)),
             max_seen: AtomicU64::new(0),
             running: AtomicU64::new(0),
             cache: Mutex::new(HashMap::new()),
@@ -197,10 +261,16 @@ impl Authenticator {
     /// a disabled or locked account; [`AuthError::Throttled`] when the
     /// source is over budget (callers answer both with the same 407);
     /// [`AuthError::Store`] when the store fails.
-    pub async fn verify(&self, creds: &Credentials, source: IpAddr) -> Result<AuthedAccount, AuthError> {
+    pub async fn verify(
+        &self,
+        creds: &Credentials,
+        source: IpAddr,
+    ) -> Result<AuthedAccount, AuthError> {
         let account = self.store.account_by_name(&creds.user).await?;
         let stored = account.as_ref().map(|a| a.password_hash.clone());
-        let hash = stored.clone().unwrap_or_else(|| secret::dummy_hash().to_string());
+        let hash = stored
+            .clone()
+            .unwrap_or_else(|| secret::dummy_hash().to_string());
         let tag = self.cache_tag(creds, &hash);
         if let Some(a) = &account {
             let hit = {
@@ -249,10 +319,7 @@ impl Authenticator {
             let now = self.running.fetch_add(1, Ordering::Relaxed) + 1;
             self.max_seen.fetch_max(now, Ordering::Relaxed);
             self.counters.hashes.fetch_add(1, Ordering::Relaxed);
-            let pw = creds.password.clone();
-            let ok = tokio::task::spawn_blocking(move || secret::verify_password(&pw, &check_hash))
-                .await
-                .unwrap_or(false);
+            let ok = self.pool.verify(creds.password.clone(), check_hash).await;
             self.running.fetch_sub(1, Ordering::Relaxed);
             ok
         };

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,10 +109,12 @@ pub async fn serve(
             r = handshake => match r {
                 Ok(Ok(io)) => io,
                 Ok(Err(e)) => {
+                    state.metrics().tls_handshake_failures.inc();
                     debug!(error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    state.metrics().tls_handshake_failures.inc();
                     debug!("TLS handshake deadline passed");
                     return;
                 }
@@ -147,7 +149,8 @@ pub async fn serve(
                             return;
                         }
                         Err(e) => {
-                            info!(target = %escape(&head.target, 200), error = %e, "CONNECT refused");
+                            // Logs (client text escaped), counts and audits it.
+                            crate::audit::connect_refused(&state, &head, conn.peer, &e).await;
                             if matches!(e, FrontError::AuthRequired | FrontError::Basic(_)) {
                                 auth_failures += 1;
                             }
@@ -232,6 +235,8 @@ struct Ready {
     dest: Destination,
     target: Target,
     agent: Arc<AgentSession>,
+    /// When the CONNECT head was complete (latency metric).
+    since: Instant,
 }
 
 /// Steps 1-4 of routing (product.md): authenticate, authorize, find the
@@ -241,17 +246,22 @@ async fn prepare_connect(
     head: &RequestHead,
     peer: SocketAddr,
 ) -> Result<Ready, FrontError> {
+    let since = Instant::now();
     let dest = parse_target(&head.target, &state.settings.domain)?;
     let creds = match head.header("proxy-authorization") {
         Some(v) => decode_basic(v)?,
         None => return Err(FrontError::AuthRequired),
     };
-    let account = state.auth().verify(&creds, peer.ip()).await.map_err(|e| match e {
-        super::auth::AuthError::BadCredentials | super::auth::AuthError::Throttled => {
-            FrontError::AuthRequired
-        }
-        super::auth::AuthError::Store(e) => FrontError::Store(e.to_string()),
-    })?;
+    let account = state
+        .auth()
+        .verify(&creds, peer.ip())
+        .await
+        .map_err(|e| match e {
+            super::auth::AuthError::BadCredentials | super::auth::AuthError::Throttled => {
+                FrontError::AuthRequired
+            }
+            super::auth::AuthError::Store(e) => FrontError::Store(e.to_string()),
+        })?;
     let store = state.store();
     let managed = store
         .customer_managed_by(account.id, &dest.customer)
@@ -279,7 +289,12 @@ async fn prepare_connect(
     if tunnels.len() >= limits.max_tunnels {
         return Err(FrontError::Overloaded);
     }
-    if tunnels.iter().filter(|t| t.account_id == account.id).count() >= limits.max_tunnels_per_account {
+    if tunnels
+        .iter()
+        .filter(|t| t.account_id == account.id)
+        .count()
+        >= limits.max_tunnels_per_account
+    {
         return Err(FrontError::Busy("too many tunnels for this account"));
     }
     Ok(Ready {
@@ -288,6 +303,7 @@ async fn prepare_connect(
         dest,
         target,
         agent,
+        since,
     })
 }
 
@@ -298,22 +314,41 @@ async fn run_tunnel(
     ready: Ready,
     cancel: CancellationToken,
 ) {
+    // Fail closed: no audit record, no open, no 200.
+    let start = crate::audit::TunnelStart {
+        account: &ready.account,
+        client: conn.peer,
+        dest: &ready.dest,
+        agent: &ready.agent,
+        target: ready.target,
+        since: ready.since,
+    };
+    let record = match crate::audit::TunnelRecord::open(state, start).await {
+        Ok(r) => r,
+        Err(e) => {
+            conn.reject(&e).await;
+            return;
+        }
+    };
     let stream = match ready.agent.mux.open(ready.target).await {
         Ok(s) => s,
         Err(e) => {
             let e = FrontError::from(e);
             info!(dest = %ready.dest, error = %e, "agent could not open the target");
+            record.refused(state, &e).await;
             conn.reject(&e).await;
             return;
         }
     };
     if conn.respond(ESTABLISHED).await.is_err() {
+        record.client_gone(state).await;
         return;
     }
+    record.established(state).await;
     let registry = state.registry();
     let tunnel_cancel = cancel.child_token();
     let guard = registry.add_tunnel(TunnelInfo {
-        id: registry.next_id(),
+        id: record.tunnel_id(),
         account_id: ready.account_id,
         account: ready.account.clone(),
         customer: ready.dest.customer.clone(),
@@ -323,6 +358,7 @@ async fn run_tunnel(
         started: SystemTime::now(),
         stats: Arc::new(RelayStats::default()),
         cancel: tunnel_cancel.clone(),
+        end_reason: std::sync::OnceLock::new(),
     });
     let info = guard.info.clone();
     let span =
@@ -355,6 +391,9 @@ async fn run_tunnel(
             );
         }
         drop(guard);
+        record
+            .finish(state, &info, &end, cancel.is_cancelled(), reason)
+            .await;
     }
     .instrument(span)
     .await

@@ -4,5 +4,5 @@ pub mod auth;
 pub mod basic;
 pub mod conn;
 pub mod head;
-pub mod status;
 pub mod lockout;
+pub mod status;

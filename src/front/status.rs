@@ -52,6 +52,9 @@ pub enum FrontError {
     Overloaded,
     #[error("store unavailable: {0}")]
     Store(String),
+    /// The tunnel's audit record could not be written (fail closed).
+    #[error("audit store unavailable")]
+    AuditUnavailable,
 }
 
 impl From<OpenError> for FrontError {
@@ -152,6 +155,7 @@ pub fn rescue(e: &FrontError) -> Response {
         FrontError::NoSuchPath => Response::new(404, "Not found"),
         FrontError::Overloaded => Response::new(503, "Broker overloaded, try again"),
         FrontError::Store(_) => Response::new(503, "Broker store unavailable"),
+        FrontError::AuditUnavailable => Response::new(503, "Audit store unavailable"),
     }
 }
 
@@ -184,6 +188,7 @@ mod tests {
             ),
             (OpenError::Closed.into(), 503, false),
             (FrontError::MethodNotAllowed, 405, false),
+            (FrontError::AuditUnavailable, 503, false),
         ];
         for (e, status, keep) in cases {
             let r = rescue(&e);

@@ -246,7 +246,10 @@ mod tests {
             Expiry::Idle
         );
         let waited = t0.elapsed();
-        assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(76), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(60) && waited <= Duration::from_secs(76),
+            "{waited:?}"
+        );
 
         // Traffic keeps it alive until the lifetime ends.
         let stats = Arc::new(RelayStats::default());

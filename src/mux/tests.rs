@@ -10,6 +10,9 @@ use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
 use super::session::ws_config;
 use super::*;
 
@@ -205,4 +208,277 @@ async fn closing_the_agent_ends_broker_streams() {
     })
     .await
     .expect("test timed out");
+}
+
+// ---- Abuse: a raw peer sends hand-crafted frames to an agent session ----
+
+/// A hand-driven peer: raw WebSocket plus frames received but not yet
+/// looked at (the session coalesces several frames into one message).
+struct Raw {
+    ws: WebSocketStream<tokio::io::DuplexStream>,
+    pending: std::collections::VecDeque<Frame>,
+}
+
+impl Raw {
+    async fn send(&mut self, m: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.ws.send(m).await
+    }
+}
+
+async fn raw_peer(config: MuxConfig) -> (Mux, tokio::sync::mpsc::Receiver<Incoming>, Raw) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
+    let ws = WebSocketStream::from_raw_socket(b, WsRole::Server, Some(ws_config())).await;
+    let (agent, incoming, _) = Mux::start(wa, Role::Agent, config, CancellationToken::new());
+    let raw = Raw {
+        ws,
+        pending: Default::default(),
+    };
+    (agent, incoming, raw)
+}
+
+async fn send(raw: &mut Raw, frames: &[Frame]) {
+    let mut b = bytes::BytesMut::new();
+    for f in frames {
+        f.encode(&mut b);
+    }
+    raw.ws.send(Message::Binary(b.freeze())).await.unwrap();
+}
+
+/// Next frame from the agent (skipping pings); `None` when it closed.
+async fn recv(raw: &mut Raw) -> Option<Frame> {
+    loop {
+        if let Some(f) = raw.pending.pop_front() {
+            return Some(f);
+        }
+        match tokio::time::timeout(Duration::from_secs(5), raw.ws.next())
+            .await
+            .ok()??
+        {
+            Ok(Message::Binary(b)) => raw.pending.extend(Frame::decode_all(b).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn open(id: u32) -> Frame {
+    Frame::Open {
+        id,
+        target: Target::SelfPort(22),
+        window: 65536,
+    }
+}
+
+#[tokio::test]
+async fn data_beyond_the_window_resets_only_that_stream() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let config = MuxConfig {
+            window: 32 * 1024,
+            ..MuxConfig::default()
+        };
+        let (agent, mut incoming, mut raw) = raw_peer(config).await;
+        send(&mut raw, &[open(1), open(2)]).await;
+        let mut s1 = incoming.recv().await.unwrap().stream;
+        let mut s2 = incoming.recv().await.unwrap().stream;
+        agent.accept(&s1);
+        agent.accept(&s2);
+        assert!(matches!(
+            recv(&mut raw).await,
+            Some(Frame::OpenOk { id: 1, .. })
+        ));
+        assert!(matches!(
+            recv(&mut raw).await,
+            Some(Frame::OpenOk { id: 2, .. })
+        ));
+        let chunk = bytes::Bytes::from(vec![1u8; 16 * 1024]);
+        // Stream 2 gets one legal chunk; stream 1 gets three (48 KiB > 32 KiB).
+        send(
+            &mut raw,
+            &[Frame::Data {
+                id: 2,
+                data: bytes::Bytes::from_static(b"two"),
+            }],
+        )
+        .await;
+        for _ in 0..3 {
+            send(
+                &mut raw,
+                &[Frame::Data {
+                    id: 1,
+                    data: chunk.clone(),
+                }],
+            )
+            .await;
+        }
+        assert_eq!(
+            recv(&mut raw).await,
+            Some(Frame::Rst {
+                id: 1,
+                code: RstCode::Protocol
+            })
+        );
+        // Stream 1 saw its two legal chunks, then the reset; no byte of
+        // stream 2 crossed over.
+        let mut got1 = 0;
+        loop {
+            match s1.inbound.recv().await.unwrap() {
+                super::session::Inbound::Data(d) => {
+                    assert!(d.iter().all(|b| *b == 1));
+                    got1 += d.len();
+                }
+                super::session::Inbound::Rst(RstCode::Protocol) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got1, 32 * 1024);
+        match s2.inbound.recv().await.unwrap() {
+            super::session::Inbound::Data(d) => assert_eq!(&d[..], b"two"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(agent.stream_count(), 1);
+        assert!(!agent.is_closed());
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test]
+async fn data_after_fin_and_unknown_streams() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let (agent, mut incoming, mut raw) = raw_peer(MuxConfig::default()).await;
+        send(&mut raw, &[open(5)]).await;
+        let s = incoming.recv().await.unwrap().stream;
+        agent.accept(&s);
+        assert!(matches!(
+            recv(&mut raw).await,
+            Some(Frame::OpenOk { id: 5, .. })
+        ));
+        // DATA for a stream that never existed is dropped, not delivered.
+        send(
+            &mut raw,
+            &[Frame::Data {
+                id: 77,
+                data: bytes::Bytes::from_static(b"x"),
+            }],
+        )
+        .await;
+        send(
+            &mut raw,
+            &[
+                Frame::Fin { id: 5 },
+                Frame::Data {
+                    id: 5,
+                    data: bytes::Bytes::from_static(b"late"),
+                },
+            ],
+        )
+        .await;
+        assert_eq!(
+            recv(&mut raw).await,
+            Some(Frame::Rst {
+                id: 5,
+                code: RstCode::Protocol
+            })
+        );
+        assert!(!agent.is_closed());
+        drop(s);
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test]
+async fn reusing_a_live_stream_id_closes_the_session() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let (agent, mut incoming, mut raw) = raw_peer(MuxConfig::default()).await;
+        send(&mut raw, &[open(3)]).await;
+        let _s = incoming.recv().await.unwrap();
+        send(&mut raw, &[open(3)]).await;
+        assert_eq!(recv(&mut raw).await, None, "session closed");
+        assert!(agent.is_closed());
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test]
+async fn a_flood_of_opens_is_refused_beyond_the_cap() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let config = MuxConfig {
+            max_streams: 8,
+            ..MuxConfig::default()
+        };
+        let (_agent, mut incoming, mut raw) = raw_peer(config).await;
+        let frames: Vec<Frame> = (1..=20).map(open).collect();
+        send(&mut raw, &frames).await;
+        let mut busy = 0;
+        while busy < 12 {
+            match recv(&mut raw).await {
+                Some(Frame::OpenErr {
+                    code: OpenErrCode::Busy,
+                    ..
+                }) => busy += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut accepted = 0;
+        while incoming.try_recv().is_ok() {
+            accepted += 1;
+        }
+        assert_eq!(accepted, 8);
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test]
+async fn a_window_overflow_resets_the_stream() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let (agent, mut incoming, mut raw) = raw_peer(MuxConfig::default()).await;
+        send(&mut raw, &[open(1)]).await;
+        let s = incoming.recv().await.unwrap().stream;
+        agent.accept(&s);
+        assert!(matches!(
+            recv(&mut raw).await,
+            Some(Frame::OpenOk { id: 1, .. })
+        ));
+        let huge: Vec<Frame> = (0..40)
+            .map(|_| Frame::Window {
+                id: 1,
+                increment: 4 << 20,
+            })
+            .collect();
+        send(&mut raw, &huge).await;
+        assert_eq!(
+            recv(&mut raw).await,
+            Some(Frame::Rst {
+                id: 1,
+                code: RstCode::Protocol
+            })
+        );
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test]
+async fn framing_errors_close_the_session() {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        for bad in [
+            vec![0x7fu8, 0, 0, 0, 1, 0, 0, 0, 0],
+            vec![5, 0, 0, 0, 1, 0, 0],
+        ] {
+            let (agent, _incoming, mut raw) = raw_peer(MuxConfig::default()).await;
+            raw.send(Message::Binary(bad.into())).await.unwrap();
+            assert_eq!(recv(&mut raw).await, None);
+            assert!(agent.is_closed());
+        }
+        let (agent, _incoming, mut raw) = raw_peer(MuxConfig::default()).await;
+        raw.send(Message::Text("hello".into())).await.unwrap();
+        assert_eq!(recv(&mut raw).await, None);
+        assert!(agent.is_closed());
+    })
+    .await
+    .expect("timed out");
 }

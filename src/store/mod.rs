@@ -17,6 +17,7 @@
 //! * A customer has at most one primary system, enforced by a partial unique
 //!   index; switching the primary happens in one transaction.
 
+pub mod audit;
 pub mod sqlite;
 
 use std::path::{Path, PathBuf};
@@ -458,6 +459,75 @@ impl Store {
         let c = customer_id.to_owned();
         match self {
             Store::Sqlite(s) => blocking(s, move |s| s.list_systems(&c)).await,
+        }
+    }
+
+    /// Revokes a system's agent token without issuing a new one. See
+    /// [`sqlite::SqliteStore::revoke_token`].
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad id or name,
+    /// [`StoreError::NotFound`] for an unknown customer or system.
+    pub async fn revoke_token(&self, customer_id: &str, name: &str) -> Result<System, StoreError> {
+        let (c, n) = (customer_id.to_owned(), name.to_owned());
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.revoke_token(&c, &n)).await,
+        }
+    }
+
+    /// Inserts an audit record; returns its id.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] without a kind, [`StoreError::Backend`] when
+    /// the write fails (the caller fails closed).
+    pub async fn audit_insert(&self, rec: audit::NewAudit) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.audit_insert(&rec)).await,
+        }
+    }
+
+    /// Sets the status of an open record that has none yet.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the write fails.
+    pub async fn audit_set_status(&self, id: i64, status: u16) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.audit_set_status(id, status)).await,
+        }
+    }
+
+    /// Finishes an open audit record.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if no open record has this id,
+    /// [`StoreError::Backend`] when the write fails.
+    pub async fn audit_finish(&self, id: i64, end: audit::AuditEnd) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.audit_finish(id, &end)).await,
+        }
+    }
+
+    /// Closes records left open by a crash as `interrupted`; returns how
+    /// many.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the write fails.
+    pub async fn audit_close_interrupted(&self, now_ms: i64) -> Result<usize, StoreError> {
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.audit_close_interrupted(now_ms)).await,
+        }
+    }
+
+    /// Lists audit records, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] on a database error.
+    pub async fn audit_query(
+        &self,
+        filter: audit::AuditFilter,
+    ) -> Result<Vec<audit::AuditRecord>, StoreError> {
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.audit_query(&filter)).await,
         }
     }
 }

@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
+mod audit;
+
 use super::{
     normalize_customer_id, normalize_system_name, valid_customer_name, Account, AccountSummary,
     Customer, StoreError, System,
@@ -59,6 +61,29 @@ CREATE TABLE systems (
     UNIQUE (customer_id, name)
 );
 CREATE UNIQUE INDEX systems_one_primary ON systems(customer_id) WHERE is_primary = 1;
+",
+    // 2: the audit log (see `super::audit`). AUTOINCREMENT so an id is never
+    // reused: tunnel ids in the admin API are audit ids.
+    r"
+CREATE TABLE audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT    NOT NULL,
+    account    TEXT,
+    client     TEXT,
+    customer   TEXT,
+    system     TEXT,
+    dest       TEXT,
+    target     TEXT,
+    started_at INTEGER NOT NULL,
+    ended_at   INTEGER,
+    bytes_up   INTEGER,
+    bytes_down INTEGER,
+    status     INTEGER,
+    reason     TEXT,
+    detail     TEXT
+);
+CREATE INDEX audit_by_start ON audit(started_at);
+CREATE INDEX audit_open ON audit(id) WHERE ended_at IS NULL;
 ",
 ];
 
@@ -672,6 +697,36 @@ impl SqliteStore {
         })
     }
 
+    /// Revokes a system's agent token without issuing a new one: the stored
+    /// hash becomes `revoked:<id>`, which no token hashes to (hashes are 64
+    /// hex digits), so the agent can no longer connect and
+    /// [`Self::system_token_hash_is_current`] turns false for its live
+    /// session. [`Self::rotate_token`] issues a working token again.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad id or name;
+    /// [`StoreError::NotFound`] for an unknown customer or system.
+    pub fn revoke_token(&self, customer_id: &str, name: &str) -> Result<System, StoreError> {
+        let customer_id = customer_id_for_write(customer_id)?;
+        let name = system_name_for_write(name)?;
+        self.write(|tx| {
+            require_customer_in(tx, &customer_id)?;
+            tx.query_row(
+                &format!(
+                    "UPDATE systems SET token_hash = 'revoked:' || id
+                     WHERE customer_id = ?1 AND name = ?2
+                     RETURNING {SYSTEM_COLS}"
+                ),
+                params![customer_id, name],
+                system_row,
+            )
+            .optional()?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("system '{name}' of customer '{customer_id}'"))
+            })
+        })
+    }
+
     /// The system an agent token (by its [`crate::secret::token_hash`])
     /// belongs to.
     ///
@@ -1177,6 +1232,33 @@ mod tests {
             .unwrap();
         assert!(!store.customer_managed_by(a.id, "1234").unwrap());
         assert_eq!(store.system_by_token_hash(&h).unwrap(), None);
+    }
+
+    #[test]
+    fn revoking_a_token_locks_the_agent_out_until_rotation() {
+        let (_dir, store) = temp_store();
+        store.add_account("acme", HASH).unwrap();
+        store.add_customer("1234", "acme", None).unwrap();
+        let h = th();
+        let sys = store.add_system("1234", "ipo", false, &h).unwrap();
+        assert_eq!(store.revoke_token("1234", "IPO").unwrap(), sys);
+        assert_eq!(store.system_by_token_hash(&h).unwrap(), None);
+        assert!(!store.system_token_hash_is_current(sys.id, &h).unwrap());
+        // Idempotent, and the placeholder is no usable hash.
+        store.revoke_token("1234", "ipo").unwrap();
+        assert_eq!(
+            store
+                .system_by_token_hash(&format!("revoked:{}", sys.id))
+                .unwrap(),
+            None
+        );
+        assert!(matches!(
+            store.revoke_token("1234", "ghost"),
+            Err(StoreError::NotFound(_))
+        ));
+        let h2 = th();
+        store.rotate_token("1234", "ipo", &h2).unwrap();
+        assert_eq!(store.system_by_token_hash(&h2).unwrap(), Some(sys));
     }
 
     #[test]

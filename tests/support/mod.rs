@@ -6,12 +6,15 @@
 //!   `127.0.0.1:0` listener, plus plink (.ppk key, `-hostkey` fingerprint).
 //! - [`netns`]: a private network namespace with a veth pair in 10.233.0.0/16.
 //! - [`targets`]: echo, HTTPS hello and sha256 sink/source servers.
+//! - [`browser`]: headless Chromium with an NSS db, a DevTools client, and
+//!   a connection-counting relay.
 //!
 //! Rules it follows: loopback and self-made namespaces only; every listener
 //! binds port 0; no readiness sleeps (poll with a deadline); everything is
 //! cleaned up on Drop, also when a test panics.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod netns;
 pub mod process;
 pub mod sshd;

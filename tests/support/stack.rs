@@ -26,6 +26,8 @@ pub const PASS: &str = "Secret-pw.123";
 pub struct Stack {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// The admin API listener (its own port).
+    pub admin: SocketAddr,
     pub state: Arc<BrokerState>,
     pub settings: BrokerSettings,
     stop: CancellationToken,
@@ -60,6 +62,7 @@ impl Stack {
     pub async fn start_with(dir: tempfile::TempDir, settings: BrokerSettings) -> Stack {
         let broker = Broker::bind(settings.clone()).await.expect("broker binds");
         let addr = broker.local_addr();
+        let admin = broker.admin_addr();
         let state = broker.state();
         let stop = CancellationToken::new();
         let s2 = stop.clone();
@@ -67,6 +70,7 @@ impl Stack {
         let stack = Stack {
             dir,
             addr,
+            admin,
             state,
             settings,
             stop,
@@ -107,6 +111,14 @@ impl Stack {
         let mut s = Stack::start_with(dir, settings).await;
         s.agents = agents;
         s
+    }
+
+    /// The admin API bearer token (generated into the data directory).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.settings.data_dir.join("admin.token"))
+            .expect("admin token file")
+            .trim()
+            .to_string()
     }
 
     pub fn ca(&self) -> PathBuf {
