@@ -68,9 +68,28 @@ fn insert_failed(state: &BrokerState, what: &str, e: &StoreError) {
     warn!(error = %e, what, "audit record could not be written");
 }
 
+/// Log throttled attempts as one line per 10 seconds, not one per attempt.
+fn throttled_summary(peer: SocketAddr) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SINCE_LAST: AtomicU64 = AtomicU64::new(0);
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    let n = SINCE_LAST.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = u64::try_from(now_ms()).unwrap_or(0);
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        SINCE_LAST.store(0, Ordering::Relaxed);
+        warn!(attempts = n, last_source = %peer, "authentication attempts throttled (over the per-source budget)");
+    }
+}
+
 /// Record a refused CONNECT: log it (client text escaped), count it and
 /// write a `rejected` record. A failing audit write is logged and counted;
-/// the request is refused either way.
+/// the request is refused either way. Throttled attempts are the exception:
+/// they are counted and summarised in the log, not written one row each.
 pub async fn connect_refused(
     state: &BrokerState,
     head: &RequestHead,
@@ -78,6 +97,13 @@ pub async fn connect_refused(
     e: &FrontError,
 ) {
     let status = rescue(e).status;
+    if matches!(e, FrontError::Throttled) {
+        // Counted (auth metrics), logged at most every 10 s, never one
+        // audit row per attempt: a flood must not fill the audit disk.
+        state.metrics().tunnel_outcome(status);
+        throttled_summary(peer);
+        return;
+    }
     let user = claimed_user(head);
     let target = escape(&head.target, MAX_CLIENT_TEXT);
     info!(

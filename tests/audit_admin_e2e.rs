@@ -903,6 +903,30 @@ async fn the_admin_api_manages_accounts_customers_systems_and_agents() {
         assert_eq!(customer["systems"][0]["online"], true);
         assert_eq!(customer["accounts"], json!(["carol"]));
 
+        // Connect info for it, as `maintgate connect-info` prints it.
+        let info = admin.get("/connect-info/777?system=pbx&port=2222").await;
+        assert_eq!(info["host"], format!("777-pbx.{DOMAIN}"));
+        assert_eq!(info["port"], 2222);
+        assert_eq!(info["proxy"]["port"], stack.port());
+        assert!(!info.to_string().contains(&password));
+        let text = admin
+            .call("GET", "/connect-info/777?system=pbx&format=text", None)
+            .await;
+        assert_eq!(text.status, 200);
+        assert!(
+            text.body.contains(&format!("777-pbx.{DOMAIN}")),
+            "{}",
+            text.body
+        );
+        assert_eq!(
+            admin.call("GET", "/connect-info/999", None).await.status,
+            404
+        );
+        assert_eq!(
+            admin.call("GET", "/connect-info/7-7", None).await.status,
+            400
+        );
+
         // Grant and revoke another account.
         let g = admin
             .expect("PUT", "/customers/777/accounts/alice", None, 200)

@@ -105,7 +105,8 @@ pub async fn handle(state: &Arc<BrokerState>, req: &Request, peer: SocketAddr) -
 /// The `Allow` value of a known path, for 405 answers.
 fn allowed(path: &[&str]) -> Option<&'static str> {
     Some(match path {
-        ["healthz" | "readyz" | "metrics" | "agents" | "tunnels" | "audit"] => "GET",
+        ["healthz" | "readyz" | "metrics" | "agents" | "tunnels" | "audit"]
+        | ["connect-info", _] => "GET",
         ["accounts" | "customers"] | ["customers", _, "systems"] => "GET, POST",
         ["accounts", _] | ["customers", _] => "GET",
         ["accounts", _, "password"] => "PUT",
@@ -184,6 +185,7 @@ async fn route(
         ("GET", ["tunnels"]) => Ok(ok_json(&tunnels(state))),
         ("POST", ["tunnels", id, "kill"]) => kill(state, peer, id).await,
         ("GET", ["audit"]) => audit(state, &req.query).await,
+        ("GET", ["connect-info", customer]) => connect_info(state, customer, &req.query).await,
         (_, p) => Err(allowed(p).map_or(AdminError::NoRoute, AdminError::MethodNotAllowed)),
     }
 }
@@ -770,6 +772,67 @@ async fn audit(state: &BrokerState, query: &str) -> Result<Reply, AdminError> {
     let records = state.store().audit_query(args.filter()?).await?;
     let v: Vec<AuditJson<'_>> = records.iter().map(AuditJson::from).collect();
     Ok(ok_json(&serde_json::to_value(v)?))
+}
+
+/// `GET /connect-info/{customer}?system=&ip=&port=&format=`: the same
+/// instructions as `maintgate connect-info`, for this broker's domain and
+/// client port. JSON by default, `format=text` for the printable form.
+async fn connect_info(
+    state: &BrokerState,
+    customer: &str,
+    query: &str,
+) -> Result<Reply, AdminError> {
+    use crate::connect_info::{render, BrokerInfo, ConnectRequest};
+    let bad = |what: &str| AdminError::BadRequest(what.to_owned());
+    let pairs = parse_query(query).ok_or_else(|| bad("malformed query string"))?;
+    let mut req = ConnectRequest {
+        customer: customer.to_owned(),
+        ..ConnectRequest::default()
+    };
+    let mut text = false;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "system" => req.system = Some(v),
+            "ip" => {
+                req.ip = Some(
+                    v.parse()
+                        .map_err(|_| bad("ip must be dotted-decimal IPv4"))?,
+                )
+            }
+            "port" => req.port = Some(v.parse().map_err(|_| bad("port must be 1-65535"))?),
+            "format" => match v.as_str() {
+                "json" => text = false,
+                "text" => text = true,
+                _ => return Err(bad("format is json or text")),
+            },
+            _ => {
+                return Err(AdminError::BadRequest(format!(
+                    "unknown parameter '{}' (system, ip, port, format)",
+                    escape(&k, 32)
+                )))
+            }
+        }
+    }
+    let info = render(
+        &req,
+        &BrokerInfo::new(&state.settings.domain, state.client_port()),
+    )
+    .map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    // Instructions for something that does not exist help nobody.
+    let found = state
+        .store()
+        .find_system(customer, req.system.as_deref())
+        .await?;
+    if found.is_none() {
+        return Err(
+            StoreError::NotFound(format!("system of customer '{}'", escape(customer, 64))).into(),
+        );
+    }
+    Ok(if text {
+        Reply::text(200, "OK", "text/plain; charset=utf-8", info.to_text())
+    } else {
+        ok_json(&serde_json::to_value(&info)?)
+    })
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@
 //! | `GET /tunnels` | active tunnels with live byte counts |
 //! | `POST /tunnels/{id}/kill` | end a tunnel (its audit record says `killed`) |
 //! | `GET /audit?account=&customer=&since=&kind=&limit=` | the audit query (`since`: Unix seconds or RFC 3339) |
+//! | `GET /connect-info/{customer}?system=&ip=&port=&format=` | `maintgate connect-info` for this broker (JSON, or `format=text`) |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad input), 401, 404, 405
 //! (with `Allow`), 409 (exists), 411, 413, 431 or 503 (store or audit

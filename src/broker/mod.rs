@@ -73,6 +73,9 @@ pub struct BrokerState {
     metrics: crate::metrics::Metrics,
     /// The admin API's bearer token (its digest).
     admin_token: crate::admin::token::AdminToken,
+    /// The port clients connect to (`public_port`, else the bound proxy
+    /// port), for connect-info through the admin API.
+    client_port: u16,
 }
 
 impl BrokerState {
@@ -111,6 +114,10 @@ impl BrokerState {
     /// The admin token.
     pub fn admin_token(&self) -> &crate::admin::token::AdminToken {
         &self.admin_token
+    }
+    /// The port clients connect to.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 }
 
@@ -184,6 +191,7 @@ impl Broker {
             settings.client_port(local_addr),
         );
         let auth = Authenticator::new(store.clone(), settings.limits.auth.clone());
+        let client_port = settings.client_port(local_addr);
         Ok(Broker {
             state: Arc::new(BrokerState {
                 settings,
@@ -196,6 +204,7 @@ impl Broker {
                 pac,
                 metrics: crate::metrics::Metrics::default(),
                 admin_token,
+                client_port,
             }),
             listener,
             local_addr,
@@ -381,23 +390,31 @@ async fn revalidate(state: Arc<BrokerState>, cancel: CancellationToken) {
     }
 }
 
+/// End `t` if its account is disabled or no longer manages its customer.
+/// Run by [`revalidate_once`] for every tunnel, and once by each new tunnel
+/// right after it is registered: a change that landed while the tunnel was
+/// being opened was revalidated before the tunnel was visible.
+pub async fn recheck_tunnel(state: &BrokerState, t: &crate::registry::TunnelInfo) {
+    let allowed = match state.store.account_by_name(&t.account).await {
+        Ok(Some(a)) if a.id == t.account_id && a.enabled => state
+            .store
+            .customer_managed_by(a.id, &t.customer)
+            .await
+            .unwrap_or(true),
+        Ok(_) => false,
+        // A store hiccup must not kill tunnels.
+        Err(_) => true,
+    };
+    if !allowed {
+        info!(tunnel = t.id, account = %t.account, "account disabled or customer revoked: ending tunnel");
+        t.end_because("access-revoked");
+    }
+}
+
 /// Check every live tunnel and agent session against the store once.
 pub async fn revalidate_once(state: &BrokerState) {
     for t in state.registry.tunnels() {
-        let allowed = match state.store.account_by_name(&t.account).await {
-            Ok(Some(a)) if a.id == t.account_id && a.enabled => state
-                .store
-                .customer_managed_by(a.id, &t.customer)
-                .await
-                .unwrap_or(true),
-            Ok(_) => false,
-            // A store hiccup must not kill tunnels.
-            Err(_) => true,
-        };
-        if !allowed {
-            info!(tunnel = t.id, account = %t.account, "account disabled or customer revoked: ending tunnel");
-            t.end_because("access-revoked");
-        }
+        recheck_tunnel(state, &t).await;
     }
     for a in state.registry.agents() {
         if let Ok(false) = state

@@ -151,7 +151,10 @@ pub async fn serve(
                         Err(e) => {
                             // Logs (client text escaped), counts and audits it.
                             crate::audit::connect_refused(&state, &head, conn.peer, &e).await;
-                            if matches!(e, FrontError::AuthRequired | FrontError::Basic(_)) {
+                            if matches!(
+                                e,
+                                FrontError::AuthRequired | FrontError::Throttled | FrontError::Basic(_)
+                            ) {
                                 auth_failures += 1;
                             }
                             let more = conn.reject(&e).await;
@@ -257,9 +260,8 @@ async fn prepare_connect(
         .verify(&creds, peer.ip())
         .await
         .map_err(|e| match e {
-            super::auth::AuthError::BadCredentials | super::auth::AuthError::Throttled => {
-                FrontError::AuthRequired
-            }
+            super::auth::AuthError::BadCredentials => FrontError::AuthRequired,
+            super::auth::AuthError::Throttled => FrontError::Throttled,
             super::auth::AuthError::Store(e) => FrontError::Store(e.to_string()),
         })?;
     let store = state.store();
@@ -361,6 +363,8 @@ async fn run_tunnel(
         end_reason: std::sync::OnceLock::new(),
     });
     let info = guard.info.clone();
+    // A revocation that raced with the setup missed this tunnel: check once.
+    crate::broker::recheck_tunnel(state, &info).await;
     let span =
         tracing::info_span!("tunnel", id = info.id, account = %ready.account, dest = %ready.dest);
     async move {

@@ -26,6 +26,11 @@ pub enum FrontError {
     Basic(#[from] BasicError),
     #[error("proxy authentication required")]
     AuthRequired,
+    /// The source is over its authentication budget. Answered exactly like
+    /// `AuthRequired`; kept apart so floods are counted, not audited row by
+    /// row (a flood must not be able to fill the audit store's disk).
+    #[error("proxy authentication required (source throttled)")]
+    Throttled,
     #[error("no such customer or system for this account")]
     NotFound,
     #[error("denied by the announced policy: {0}")]
@@ -125,7 +130,7 @@ pub fn rescue(e: &FrontError) -> Response {
     match e {
         FrontError::Head(h) => Response::new(400, h.reason()),
         FrontError::Dest(d) => Response::new(400, d.reason()),
-        FrontError::Basic(_) | FrontError::AuthRequired => {
+        FrontError::Basic(_) | FrontError::AuthRequired | FrontError::Throttled => {
             let mut r = Response::new(407, "Proxy Authentication Required");
             r.headers.push((
                 "Proxy-Authenticate",
