@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::stack::{basic, Stack, DOMAIN, PASS, USER};
 use support::require_tool;
+use support::stack::{basic, Stack, DOMAIN, PASS, USER};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn openssl(stack: &Stack, extra: &[&str]) -> (bool, String) {

@@ -32,7 +32,12 @@ pub fn provision(
     for i in 0..count {
         let token = secret::generate_token();
         store
-            .add_system(customer, &format!("{prefix}{i}"), false, &secret::token_hash(&token))
+            .add_system(
+                customer,
+                &format!("{prefix}{i}"),
+                false,
+                &secret::token_hash(&token),
+            )
             .map_err(|e| anyhow!("adding system {prefix}{i}: {e}"))?;
         tokens.push_str(&token);
         tokens.push('\n');
@@ -42,7 +47,10 @@ pub fn provision(
     let mut out = Out::new();
     out.insert("mode".into(), json!("provision"));
     out.insert("count".into(), json!(count));
-    out.insert("elapsed_s".into(), json!(round3(t0.elapsed().as_secs_f64())));
+    out.insert(
+        "elapsed_s".into(),
+        json!(round3(t0.elapsed().as_secs_f64())),
+    );
     Ok(out)
 }
 
@@ -62,7 +70,11 @@ pub struct AgentsOpts {
 pub async fn agents(o: AgentsOpts) -> Result<Out> {
     let text = std::fs::read_to_string(&o.tokens)
         .with_context(|| format!("reading {}", o.tokens.display()))?;
-    let mut tokens: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut tokens: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if let Some(n) = o.count {
         if n > tokens.len() {
             bail!("{} tokens in the file, {n} asked for", tokens.len());
@@ -93,7 +105,10 @@ pub async fn agents(o: AgentsOpts) -> Result<Out> {
             Some(o.ca.clone()),
         )
         .map_err(|e| anyhow!("agent settings: {e}"))?;
-        tasks.push(tokio::spawn(maintgate::agent::run(settings, cancel.clone())));
+        tasks.push(tokio::spawn(maintgate::agent::run(
+            settings,
+            cancel.clone(),
+        )));
         tokio::time::sleep_until(start + step * (i as u32 + 1)).await;
     }
     let mut started = w.finish();
@@ -155,7 +170,10 @@ pub async fn metric_wait(addr: &str, name: &str, at_least: f64, timeout: f64) ->
     out.insert("metric".into(), json!(name));
     out.insert("value".into(), json!(last));
     out.insert("reached".into(), json!(last.is_some_and(|v| v >= at_least)));
-    out.insert("elapsed_s".into(), json!(round3(t0.elapsed().as_secs_f64())));
+    out.insert(
+        "elapsed_s".into(),
+        json!(round3(t0.elapsed().as_secs_f64())),
+    );
     out.insert("broker_up_s".into(), json!(first_seen.map(round3)));
     Ok(out)
 }

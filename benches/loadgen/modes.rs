@@ -126,7 +126,11 @@ impl Bulk {
     }
 }
 
-async fn download(mut conn: Conn, count: Arc<AtomicU64>, stop: CancellationToken) -> Result<StreamEnd> {
+async fn download(
+    mut conn: Conn,
+    count: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Result<StreamEnd> {
     conn.write_all(&0u64.to_be_bytes()).await?;
     conn.flush().await?;
     let mut buf = vec![0u8; 256 * 1024];
@@ -148,7 +152,11 @@ async fn download(mut conn: Conn, count: Arc<AtomicU64>, stop: CancellationToken
     })
 }
 
-async fn upload(mut conn: Conn, count: Arc<AtomicU64>, stop: CancellationToken) -> Result<StreamEnd> {
+async fn upload(
+    mut conn: Conn,
+    count: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Result<StreamEnd> {
     let mut sent = 0u64;
     loop {
         let chunk = pattern_at(sent, 64 * 1024);
@@ -368,7 +376,11 @@ async fn run_setups(
 }
 
 fn ops_json(out: &mut Out, ops: &Ops, wall: f64) {
-    let h = ops.hist.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let h = ops
+        .hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     out.insert("ok".into(), json!(h.len()));
     out.insert("rate_per_s".into(), json!(round1(h.len() as f64 / wall)));
     out.insert("latency".into(), latency_json(&h));

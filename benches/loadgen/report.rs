@@ -215,7 +215,10 @@ fn fairness_table(out: &mut String, recs: &[Rec], scenario: &str, title: &str) {
             fmt_stat(collect(rs, "bulk.mbyte_s")),
             rs.len(),
             cpu_text(rs),
-            errors(rs) + rs.iter().map(|r| num(r, "bulk.errors").unwrap_or(0.0) as u64).sum::<u64>()
+            errors(rs)
+                + rs.iter()
+                    .map(|r| num(r, "bulk.errors").unwrap_or(0.0) as u64)
+                    .sum::<u64>()
         );
     }
 }
@@ -230,7 +233,9 @@ fn step<'a>(recs: &'a [Rec], scenario: &str, step: &str) -> Vec<&'a Rec> {
 /// were up) minus RSS before the first tunnel, over the tunnels up.
 fn tunnel_rss(up: &Rec, settled: Option<&Rec>, name: &str) -> Option<f64> {
     let key = format!("procs.{name}.rss_kib");
-    let after = settled.and_then(|s| num(s, &key)).or_else(|| num(up, &key))?;
+    let after = settled
+        .and_then(|s| num(s, &key))
+        .or_else(|| num(up, &key))?;
     let before = num(up, &format!("procs.{name}.rss_kib_before"))?;
     let ok = num(up, "ok")?;
     (ok > 0.0).then(|| (after - before) / ok)
@@ -337,7 +342,8 @@ fn targets(out: &mut String, recs: &[Rec]) {
             .map(|s| s.med)
     };
     let mut rows: Vec<(String, String, String, Option<bool>)> = Vec::new();
-    let pct = |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
+    let pct =
+        |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
     let one = med("bulk1", "maintgate", "mbyte_s");
     let direct = med("bulk1", "direct", "mbyte_s");
     let share = pct(one, direct);
@@ -410,7 +416,10 @@ fn targets(out: &mut String, recs: &[Rec]) {
         let tot = per("broker").zip(per("agent")).map(|(a, b)| a + b);
         rows.push((
             format!("5. {count:.0} idle tunnels, no failures, up in ≤ 5 s"),
-            format!("{ok:.0} up in {secs:.1} s, {} errors", num(h, "errors").unwrap_or(0.0)),
+            format!(
+                "{ok:.0} up in {secs:.1} s, {} errors",
+                num(h, "errors").unwrap_or(0.0)
+            ),
             "all, ≤ 5 s".into(),
             Some(ok == count && secs <= 5.0),
         ));
@@ -449,7 +458,9 @@ fn targets(out: &mut String, recs: &[Rec]) {
         let reached = s.get("reached").and_then(Value::as_bool) == Some(true);
         rows.push((
             "5. reconnect storm after a broker restart".into(),
-            t.map_or("–".into(), |t| format!("{t:.1} s{}", if reached { "" } else { " (not all back)" })),
+            t.map_or("–".into(), |t| {
+                format!("{t:.1} s{}", if reached { "" } else { " (not all back)" })
+            }),
             "≤ 10 s".into(),
             t.map(|t| reached && t <= 10.0),
         ));
@@ -496,7 +507,11 @@ pub fn render(input: &str, notes: &str, command: &str) -> String {
     if let (Some(first), Some(last)) = (loads.first(), loads.last()) {
         let peak = loads
             .iter()
-            .filter_map(|l| l.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<f64>().ok())
+            })
             .fold(0.0f64, f64::max);
         let _ = writeln!(
             out,
@@ -516,16 +531,39 @@ pub fn render(input: &str, notes: &str, command: &str) -> String {
     let _ = writeln!(out, "\n## Throughput");
     throughput_table(&mut out, &recs, "bulk1", "One stream, target → client");
     throughput_table(&mut out, &recs, "bulk1_up", "One stream, client → target");
-    throughput_table(&mut out, &recs, "bulk8", "Eight streams over one agent link");
-    throughput_table(&mut out, &recs, "iperf3", "iperf3, one stream (client → server)");
-    throughput_table(&mut out, &recs, "shaped_bulk1", "One stream on a 100 Mbit/s tbf loopback");
+    throughput_table(
+        &mut out,
+        &recs,
+        "bulk8",
+        "Eight streams over one agent link",
+    );
+    throughput_table(
+        &mut out,
+        &recs,
+        "iperf3",
+        "iperf3, one stream (client → server)",
+    );
+    throughput_table(
+        &mut out,
+        &recs,
+        "shaped_bulk1",
+        "One stream on a 100 Mbit/s tbf loopback",
+    );
     let _ = writeln!(out, "\n## Setup: connect to first echoed byte");
     setup_table(&mut out, &recs, "setup_seq", "Sequential");
     setup_table(&mut out, &recs, "setup_c64", "64 concurrent");
-    let _ = writeln!(out, "\n## Fairness: 64-byte echo at 200/s beside one bulk stream");
+    let _ = writeln!(
+        out,
+        "\n## Fairness: 64-byte echo at 200/s beside one bulk stream"
+    );
     fairness_table(&mut out, &recs, "echo_alone", "Echo alone (no bulk)");
     fairness_table(&mut out, &recs, "fair", "Beside a bulk stream, unshaped");
-    fairness_table(&mut out, &recs, "fair_shaped", "Beside a bulk stream, 100 Mbit/s tbf on lo");
+    fairness_table(
+        &mut out,
+        &recs,
+        "fair_shaped",
+        "Beside a bulk stream, 100 Mbit/s tbf on lo",
+    );
     let _ = writeln!(out, "\n## Scale");
     scale_section(&mut out, &recs);
     let mut peers_seen: BTreeMap<&str, bool> = BTreeMap::new();
@@ -538,7 +576,11 @@ pub fn render(input: &str, notes: &str, command: &str) -> String {
         .map(|(p, _)| *p)
         .collect();
     if !missing.is_empty() {
-        let _ = writeln!(out, "\nPeers not measured in this run: {}.", missing.join(", "));
+        let _ = writeln!(
+            out,
+            "\nPeers not measured in this run: {}.",
+            missing.join(", ")
+        );
     }
     out
 }

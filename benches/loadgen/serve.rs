@@ -47,7 +47,10 @@ pub struct Checker {
 
 impl Checker {
     pub fn new() -> Checker {
-        Checker { offset: 0, ok: true }
+        Checker {
+            offset: 0,
+            ok: true,
+        }
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
@@ -70,9 +73,17 @@ pub fn pattern_at(offset: u64, max: usize) -> &'static [u8] {
     &pattern()[at..at + max.min(PERIOD)]
 }
 
-pub async fn serve(echo: Option<String>, sink: Option<String>, source: Option<String>) -> Result<()> {
+pub async fn serve(
+    echo: Option<String>,
+    sink: Option<String>,
+    source: Option<String>,
+) -> Result<()> {
     let mut tasks = Vec::new();
-    for (addr, kind) in [(echo, Kind::Echo), (sink, Kind::Sink), (source, Kind::Source)] {
+    for (addr, kind) in [
+        (echo, Kind::Echo),
+        (sink, Kind::Sink),
+        (source, Kind::Source),
+    ] {
         let Some(addr) = addr else { continue };
         let l = TcpListener::bind(&addr)
             .await

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -436,6 +436,20 @@ impl Mux {
         }
     }
 
+    /// The peer broke the rules on stream `id` (but not the framing): reset
+    /// that stream on both sides, and keep the session.
+    fn protocol_reset(&self, mut streams: MutexGuard<'_, HashMap<u32, StreamEntry>>, id: u32) {
+        if let Some(e) = streams.remove(&id) {
+            e.credit.close();
+            let _ = e.inbound.send(Inbound::Rst(RstCode::Protocol));
+        }
+        drop(streams);
+        self.send_ctl(Frame::Rst {
+            id,
+            code: RstCode::Protocol,
+        });
+    }
+
     /// Handle one decoded frame. `Err` closes the session.
     fn dispatch(&self, frame: Frame, incoming: &mpsc::Sender<Incoming>) -> Result<(), String> {
         let s = &self.shared;
@@ -543,14 +557,7 @@ impl Mux {
                 };
                 if e.pending_open.is_some() || e.fin_received || n > e.recv_budget {
                     // Data before OPEN_OK, after FIN, or beyond the window.
-                    if let Some(e) = streams.remove(&id) {
-                        let _ = e.inbound.send(Inbound::Rst(RstCode::Protocol));
-                    }
-                    drop(streams);
-                    self.send_ctl(Frame::Rst {
-                        id,
-                        code: RstCode::Protocol,
-                    });
+                    self.protocol_reset(streams, id);
                     return Ok(());
                 }
                 e.recv_budget -= n;
@@ -562,14 +569,7 @@ impl Mux {
                     if e.credit_total > MAX_CREDIT
                         && e.credit.available_permits() as u64 + u64::from(increment) > MAX_CREDIT
                     {
-                        if let Some(e) = streams.remove(&id) {
-                            let _ = e.inbound.send(Inbound::Rst(RstCode::Protocol));
-                        }
-                        drop(streams);
-                        self.send_ctl(Frame::Rst {
-                            id,
-                            code: RstCode::Protocol,
-                        });
+                        self.protocol_reset(streams, id);
                         return Ok(());
                     }
                     e.credit.add_permits(increment as usize);
