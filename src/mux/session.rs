@@ -83,6 +83,23 @@ const MAX_MESSAGE_BATCH: usize = 64 * 1024;
 /// Credit above this on one stream is a peer bug or an attack.
 const MAX_CREDIT: u64 = 64 * 1024 * 1024;
 
+/// Most unsent bytes the kernel may hold for the agent link's socket.
+///
+/// Without a cap, loopback and LAN autotuning let megabytes of one bulk
+/// stream sit in the socket's send buffer, and an interactive frame queues
+/// behind all of them. With `TCP_NOTSENT_LOWAT` the backlog stays in our
+/// fair queue instead, where streams take turns.
+pub const LINK_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Apply the agent-link socket options: no Nagle delay, and a cap on
+/// unsent bytes in the kernel (best effort: logged if refused).
+pub fn tune_link_socket(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not applied");
+    }
+}
+
 /// The WebSocket limits we run with. tungstenite's defaults (64 MiB
 /// messages, 16 MiB frames) are far too large for a multi-tenant broker.
 pub fn ws_config() -> WebSocketConfig {
