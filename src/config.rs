@@ -88,6 +88,7 @@ pub struct LimitsFile {
     pub ping_interval_ms: Option<u64>,
     pub dead_after_ms: Option<u64>,
     pub open_timeout_ms: Option<u64>,
+    pub link_notsent_lowat_bytes: Option<u32>,
 }
 
 /// Deadlines and caps on everything a client or agent can hold.
@@ -292,6 +293,7 @@ impl BrokerFile {
                 dead_after: ms(l.dead_after_ms, dm.dead_after),
                 open_timeout: ms(l.open_timeout_ms, dm.open_timeout),
                 data_queue: dm.data_queue,
+                notsent_lowat: l.link_notsent_lowat_bytes.unwrap_or(dm.notsent_lowat),
             },
         };
         settings.validate()?;

@@ -466,6 +466,7 @@ async fn start_and_serve(
         dead_after_ms: None,
         reconnect_min_ms: Some(100),
         reconnect_max_ms: Some(2_000),
+        link_notsent_lowat_bytes: None,
     };
     let broker_ip = client_ip(bound);
     let agent_settings = AgentSettings::from_parts(

@@ -16,7 +16,7 @@
 //!
 //! Optional tunables: `dial_timeout_ms`, `window_bytes`, `max_streams`,
 //! `ping_interval_ms`, `dead_after_ms`, `reconnect_min_ms`,
-//! `reconnect_max_ms`.
+//! `reconnect_max_ms`, `link_notsent_lowat_bytes` (0: kernel default).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,7 @@ pub struct AgentFile {
     pub dead_after_ms: Option<u64>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
+    pub link_notsent_lowat_bytes: Option<u32>,
 }
 
 /// Flags that override the file (`maintgate agent --broker … --token-file … --ca …`).
@@ -206,6 +207,7 @@ impl AgentSettings {
             dead_after: ms(f.dead_after_ms, dm.dead_after),
             open_timeout: dm.open_timeout,
             data_queue: dm.data_queue,
+            notsent_lowat: f.link_notsent_lowat_bytes.unwrap_or(dm.notsent_lowat),
         };
         if mux.window < 16 * 1024 || mux.max_streams == 0 || mux.dead_after <= mux.ping_interval {
             return Err(ConfigError::Invalid {

@@ -63,6 +63,9 @@ pub struct MuxConfig {
     /// Capacity of the shared data channel, in frames. Small keeps the
     /// interactive latency low behind bulk streams.
     pub data_queue: usize,
+    /// Cap on unsent bytes in the link socket's kernel buffer
+    /// (`TCP_NOTSENT_LOWAT`); 0 leaves the kernel default.
+    pub notsent_lowat: u32,
 }
 
 impl Default for MuxConfig {
@@ -74,6 +77,7 @@ impl Default for MuxConfig {
             dead_after: Duration::from_secs(45),
             open_timeout: Duration::from_secs(15),
             data_queue: 4,
+            notsent_lowat: LINK_NOTSENT_LOWAT,
         }
     }
 }
@@ -91,11 +95,15 @@ const MAX_CREDIT: u64 = 64 * 1024 * 1024;
 /// fair queue instead, where streams take turns.
 pub const LINK_NOTSENT_LOWAT: u32 = 128 * 1024;
 
-/// Apply the agent-link socket options: no Nagle delay, and a cap on
-/// unsent bytes in the kernel (best effort: logged if refused).
-pub fn tune_link_socket(tcp: &tokio::net::TcpStream) {
+/// Apply the agent-link socket options: no Nagle delay, and a cap of
+/// `notsent_lowat` unsent bytes in the kernel (0: none; best effort, logged
+/// if refused).
+pub fn tune_link_socket(tcp: &tokio::net::TcpStream, notsent_lowat: u32) {
     let _ = tcp.set_nodelay(true);
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT) {
+    if notsent_lowat == 0 {
+        return;
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(notsent_lowat) {
         tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not applied");
     }
 }
