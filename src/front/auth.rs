@@ -176,6 +176,11 @@ pub struct Authenticator {
     config: AuthConfig,
     /// Verifications in flight per source.
     inflight: Mutex<HashMap<IpAddr, usize>>,
+    /// One verification per credential at a time: when a cached success
+    /// expires under many concurrent requests (a NAT'd office, a browser
+    /// opening tabs), they wait for the first check instead of each
+    /// spending the source's budget and getting a 407.
+    single_flight: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     /// Hash work per source.
     per_source: DefaultKeyedRateLimiter<IpAddr>,
     /// Failure counting and lockout per account.
@@ -219,6 +224,7 @@ impl Authenticator {
             lockouts: Lockouts::new(config.lockout.clone()),
             config,
             inflight: Mutex::new(HashMap::new()),
+            single_flight: Mutex::new(HashMap::new()),
             counters: AuthCounters::default(),
         }
     }
@@ -272,17 +278,59 @@ impl Authenticator {
             .clone()
             .unwrap_or_else(|| secret::dummy_hash().to_string());
         let tag = self.cache_tag(creds, &hash);
-        if let Some(a) = &account {
-            let hit = {
-                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                cache.get(&tag).is_some_and(|exp| *exp > Instant::now())
-            };
-            if hit && a.enabled && !self.lockouts.is_locked(&a.name, Instant::now()) {
-                return Ok(AuthedAccount {
-                    id: a.id,
-                    name: a.name.clone(),
-                });
+        if let Some(hit) = self.cached(account.as_ref(), &tag) {
+            return Ok(hit);
+        }
+        // Same credentials already being checked: wait for that check, then
+        // look at the cache again.
+        let flight = {
+            let mut m = self.single_flight.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(tag).or_default().clone()
+        };
+        let _turn = flight.lock().await;
+        let result = self
+            .verify_uncached(creds, source, account, hash, tag)
+            .await;
+        drop(_turn);
+        {
+            let mut m = self.single_flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Only the map and this task hold it: nobody else is waiting.
+            if m.get(&tag).is_some_and(|f| Arc::strong_count(f) <= 2) {
+                m.remove(&tag);
             }
+        }
+        result
+    }
+
+    /// A fresh cached success for this account and credential tag.
+    fn cached(
+        &self,
+        account: Option<&crate::store::Account>,
+        tag: &[u8; 32],
+    ) -> Option<AuthedAccount> {
+        let a = account?;
+        let hit = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(tag).is_some_and(|exp| *exp > Instant::now())
+        };
+        (hit && a.enabled && !self.lockouts.is_locked(&a.name, Instant::now())).then(|| {
+            AuthedAccount {
+                id: a.id,
+                name: a.name.clone(),
+            }
+        })
+    }
+
+    async fn verify_uncached(
+        &self,
+        creds: &Credentials,
+        source: IpAddr,
+        account: Option<crate::store::Account>,
+        hash: String,
+        tag: [u8; 32],
+    ) -> Result<AuthedAccount, AuthError> {
+        if let Some(hit) = self.cached(account.as_ref(), &tag) {
+            return Ok(hit);
         }
 
         // Per-source budget, before any hashing.
@@ -351,5 +399,37 @@ impl Authenticator {
             }
             None => Err(self.fail()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_logins_with_the_same_credentials_share_one_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db")).unwrap();
+        let hash = secret::hash_password("office-pw").unwrap();
+        store.add_account("office", &hash).await.unwrap();
+        let auth = Arc::new(Authenticator::new(store, AuthConfig::default()));
+        let creds = Credentials {
+            user: "office".into(),
+            password: "office-pw".into(),
+        };
+        let source: IpAddr = [10, 0, 0, 1].into();
+        let all: Vec<_> = (0..16)
+            .map(|_| {
+                let auth = auth.clone();
+                let creds = creds.clone();
+                tokio::spawn(async move { auth.verify(&creds, source).await })
+            })
+            .collect();
+        for r in all {
+            assert!(r.await.unwrap().is_ok(), "a concurrent login was refused");
+        }
+        assert_eq!(auth.counters.hashes.load(Ordering::Relaxed), 1);
+        assert_eq!(auth.counters.throttled.load(Ordering::Relaxed), 0);
+        assert!(auth.single_flight.lock().unwrap().is_empty());
     }
 }

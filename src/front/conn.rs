@@ -369,9 +369,13 @@ async fn run_tunnel(
         tracing::info_span!("tunnel", id = info.id, account = %ready.account, dest = %ready.dest);
     async move {
         info!(target = %ready.target, "tunnel up");
-        let leftover = conn.buf.split().freeze();
+        // Copy what the client sent early and free the head buffer: it
+        // would otherwise live as long as the tunnel.
+        let Conn { io, buf, .. } = conn;
+        let leftover = bytes::Bytes::copy_from_slice(&buf);
+        drop(buf);
         let limits = &state.settings.limits;
-        let relay_fut = relay(stream, conn.io, leftover, tunnel_cancel.clone(), info.stats.clone());
+        let relay_fut = relay(stream, io, leftover, tunnel_cancel.clone(), info.stats.clone());
         tokio::pin!(relay_fut);
         let (end, reason) = tokio::select! {
             end = &mut relay_fut => {

@@ -139,14 +139,23 @@ where
         let stats = stats.clone();
         async move {
             let mut pending = initial;
-            let mut buf = BytesMut::with_capacity(chunk);
+            // Start small, so an idle tunnel holds about 1 KiB; grow while
+            // reads fill the buffer, shrink when they stop doing so.
+            let floor = 1024.min(chunk);
+            let mut want = floor;
+            let mut buf = BytesMut::new();
             loop {
                 if pending.is_empty() {
-                    buf.reserve(chunk);
+                    buf.reserve(want);
                     let n = rd
-                        .read_buf(&mut (&mut buf).limit(chunk))
+                        .read_buf(&mut (&mut buf).limit(want))
                         .await
                         .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
+                    if n == want {
+                        want = (want * 4).min(chunk);
+                    } else if n < want / 8 {
+                        want = (want / 2).max(floor);
+                    }
                     if n == 0 {
                         // FIN takes the data path so it cannot overtake
                         // this stream's queued DATA.

@@ -116,7 +116,9 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE_BATCH + MAX_PAYLOAD + 1024))
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_MESSAGE_BATCH)
-        .read_buffer_size(64 * 1024)
+        // tungstenite zero-fills this much per read; 64 KiB made every
+        // idle session hold 64 KiB on each end.
+        .read_buffer_size(4 * 1024)
 }
 
 /// What a stream receives from the session.

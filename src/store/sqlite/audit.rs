@@ -185,7 +185,7 @@ impl SqliteStore {
         args.push(Value::Integer(i64::from(limit)));
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
         let conn = self.conn();
-        let mut stmt = conn.prepare(&sql)?;
+        let mut stmt = conn.prepare_cached(&sql)?;
         let mut rows = stmt
             .query_map(params_from_iter(args), record_row)?
             .collect::<Result<Vec<_>, _>>()?;
