@@ -367,3 +367,55 @@ async fn a_broken_certificate_file_leaves_the_old_one_in_use() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_the_connection_cap_connects_get_503_and_the_broker_keeps_serving() {
+    tokio::time::timeout(T, async {
+        let echo = EchoServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = stack::test_settings(dir.path());
+        settings.limits.max_connections = 20;
+        let mut stack = Stack::start_with(dir, settings).await;
+        let token = stack.add_system("1234", "ipo1", true).await;
+        stack.start_agent(&token, stack::services(&[echo.port()]));
+        stack.wait_agent("1234", "ipo1").await;
+        let mut live = open_tunnel(&stack, &format!("1234.{DOMAIN}:{}", echo.port())).await;
+        // The agent link and the live tunnel hold 2; 16 idle clients bring
+        // the broker to 18 of 20 (the soft cap is 90%).
+        let mut idle = Vec::new();
+        for _ in 0..16 {
+            idle.push(stack::tls_connect(&stack).await);
+        }
+        let request = format!(
+            "CONNECT 1234.{DOMAIN}:{} HTTP/1.1\r\nProxy-Authorization: {}\r\n\r\n",
+            echo.port(),
+            basic(USER, PASS)
+        );
+        let reply = raw_exchange(&stack, request.as_bytes()).await;
+        assert!(
+            String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 503 Broker overloaded"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        // What it already serves keeps working.
+        live.write_all(b"still").await.unwrap();
+        let mut b = [0u8; 5];
+        live.read_exact(&mut b).await.unwrap();
+        // Below the cap again, CONNECTs succeed.
+        drop(idle);
+        let start = Instant::now();
+        loop {
+            let reply = raw_exchange(&stack, request.as_bytes()).await;
+            if String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200 ") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "still refused after the idle clients left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("timed out");
+}

@@ -69,6 +69,8 @@ pub struct BrokerState {
     cert_paths: CertPaths,
     /// The rendered PAC file.
     pac: String,
+    /// Connection permits: one per open client or agent connection.
+    conn_permits: Arc<Semaphore>,
     /// Counters and histograms for `/metrics`.
     metrics: crate::metrics::Metrics,
     /// The admin API's bearer token (its digest).
@@ -102,6 +104,14 @@ impl BrokerState {
     /// The certificate resolver (reload counters).
     pub fn resolver(&self) -> &Arc<CertResolver> {
         &self.resolver
+    }
+    /// Whether open connections are past the soft cap (90% of
+    /// `max_connections`): new CONNECTs then get 503 while the broker keeps
+    /// serving what it has; the hard cap stops accepting altogether.
+    pub fn overloaded(&self) -> bool {
+        let max = self.settings.limits.max_connections;
+        let open = max.saturating_sub(self.conn_permits.available_permits());
+        open * 10 >= max * 9
     }
     /// The rendered PAC.
     pub fn pac(&self) -> &str {
@@ -192,6 +202,7 @@ impl Broker {
         );
         let auth = Authenticator::new(store.clone(), settings.limits.auth.clone());
         let client_port = settings.client_port(local_addr);
+        let settings_max_connections = settings.limits.max_connections;
         Ok(Broker {
             state: Arc::new(BrokerState {
                 settings,
@@ -202,6 +213,7 @@ impl Broker {
                 resolver,
                 cert_paths,
                 pac,
+                conn_permits: Arc::new(Semaphore::new(settings_max_connections)),
                 metrics: crate::metrics::Metrics::default(),
                 admin_token,
                 client_port,
@@ -240,7 +252,7 @@ impl Broker {
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let permits = Arc::new(Semaphore::new(state.settings.limits.max_connections));
+        let permits = state.conn_permits.clone();
         let per_source = SourceCounts::new(state.settings.limits.max_connections_per_source);
         tracker.spawn(tls::watch_certs(
             state.cert_paths.clone(),

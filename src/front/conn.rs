@@ -288,7 +288,7 @@ async fn prepare_connect(
     agent.hello.policy.check(&target, Enforcement::Broker)?;
     let limits = &state.settings.limits;
     let tunnels = state.registry().tunnels();
-    if tunnels.len() >= limits.max_tunnels {
+    if tunnels.len() >= limits.max_tunnels || state.overloaded() {
         return Err(FrontError::Overloaded);
     }
     if tunnels
