@@ -379,7 +379,11 @@ fn listening_on(port: u16) -> Vec<Ipv4Addr> {
 /// Starts `script` in the background (own process group, killed on
 /// drop), waits until the local port accepts, and exchanges bytes with the
 /// echo service behind the agent, twice (a connection each).
-async fn rdp_round_trip(script: &str, home: &Path, port: u16) -> ChildGuard {
+/// Returns `None` when the listener exited before accepting: the port picked
+/// by binding :0 and dropping it was taken meanwhile (a parallel test's
+/// outgoing connection can get it as its source port), so the caller retries
+/// with another port.
+async fn rdp_round_trip(script: &str, home: &Path, port: u16) -> Option<ChildGuard> {
     let mut c = Command::new(require_tool("sh"));
     c.arg("-c")
         .arg(script)
@@ -391,13 +395,23 @@ async fn rdp_round_trip(script: &str, home: &Path, port: u16) -> ChildGuard {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let guard = ChildGuard::spawn(&mut c);
+    let mut guard = ChildGuard::spawn(&mut c);
     let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     for round in 0..2 {
-        let mut sock = support::poll_until_async("the local RDP port", T, || async {
-            tokio::net::TcpStream::connect(addr).await.ok()
-        })
-        .await;
+        let deadline = std::time::Instant::now() + T;
+        let mut sock = loop {
+            if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+                break s;
+            }
+            if let Ok(Some(_)) = guard.try_wait() {
+                return None;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for the local RDP port"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let msg = format!("rdp-bytes-{round}-{}", "x".repeat(1000));
         support::within("echo through the local port", T, async {
             // No half-close before reading: proxytunnel ends the whole
@@ -409,7 +423,18 @@ async fn rdp_round_trip(script: &str, home: &Path, port: u16) -> ChildGuard {
         })
         .await;
     }
-    guard
+    Some(guard)
+}
+
+/// Run `make_script(port)` on fresh ports until its listener comes up.
+async fn rdp_with_retries(make_script: impl Fn(u16) -> String, home: &Path) -> (ChildGuard, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        if let Some(guard) = rdp_round_trip(&make_script(port), home, port).await {
+            return (guard, port);
+        }
+    }
+    panic!("the local listener never came up on five fresh ports");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,10 +465,12 @@ async fn rdp_through_proxytunnel_standalone() {
     // runs here: `-a PORT`, which (as the warning says) listens on every
     // interface.
     let legacy = printed.get("/rdp/linux_legacy");
-    let port = free_port();
     assert_eq!(legacy.matches(" -a 13389 ").count(), 1, "{legacy}");
-    let script = legacy.replace(" -a 13389 ", &format!(" -a {port} "));
-    let mut guard = rdp_round_trip(&script, home.path(), port).await;
+    let (mut guard, port) = rdp_with_retries(
+        |port| legacy.replace(" -a 13389 ", &format!(" -a {port} ")),
+        home.path(),
+    )
+    .await;
     assert_eq!(
         listening_on(port),
         vec![Ipv4Addr::UNSPECIFIED],
@@ -453,10 +480,12 @@ async fn rdp_through_proxytunnel_standalone() {
 
     // The advice for older proxytunnel: socat listening on 127.0.0.1 only.
     let socat = printed.get("/rdp/linux_loopback_socat");
-    let port = free_port();
     assert_eq!(socat.matches("TCP-LISTEN:13389,").count(), 1, "{socat}");
-    let script = socat.replace("TCP-LISTEN:13389,", &format!("TCP-LISTEN:{port},"));
-    let mut guard = rdp_round_trip(&script, home.path(), port).await;
+    let (mut guard, port) = rdp_with_retries(
+        |port| socat.replace("TCP-LISTEN:13389,", &format!("TCP-LISTEN:{port},")),
+        home.path(),
+    )
+    .await;
     assert_eq!(listening_on(port), vec![Ipv4Addr::LOCALHOST]);
     guard.kill();
 }
