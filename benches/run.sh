@@ -77,7 +77,7 @@ cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  if [ -n "${BENCH_KEEP:-}" ]; then log "logs kept in $WORK"; else rm -rf "$WORK"; fi
+  if [ -n "${BENCH_KEEP:-}" ]; then log "logs kept in $WORK"; else rm -rf "$WORK" "$WORK.rathole"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -225,7 +225,12 @@ start_peers() {
   HAVE_PEERS=""
   [ -n "${NO_PEERS:-}" ] && return 0
   if [ -x "$PEERS/rathole" ]; then
-    cat > "$WORK/rathole-server.toml" <<EOF
+    # rathole watches its config's directory (recursively, via notify) for
+    # hot reload: kept out of $WORK, every audit write of the broker under
+    # $WORK/data would wake it and cost both sides an inotify event.
+    RH=$WORK.rathole
+    mkdir -p "$RH"
+    cat > "$RH/rathole-server.toml" <<EOF
 [server]
 bind_addr = "127.0.0.1:$R_CTL"
 [server.services.echo]
@@ -238,7 +243,7 @@ bind_addr = "127.0.0.1:$R_SINK"
 token = "bench"
 bind_addr = "127.0.0.1:$R_SRC"
 EOF
-    cat > "$WORK/rathole-client.toml" <<EOF
+    cat > "$RH/rathole-client.toml" <<EOF
 [client]
 remote_addr = "127.0.0.1:$R_CTL"
 [client.services.echo]
@@ -251,9 +256,9 @@ local_addr = "127.0.0.1:$P_SINK"
 token = "bench"
 local_addr = "127.0.0.1:$P_SOURCE"
 EOF
-    spawn rathole-server "$PEERS/rathole" --server "$WORK/rathole-server.toml"
+    spawn rathole-server "$PEERS/rathole" --server "$RH/rathole-server.toml"
     RATHOLE_S=$LAST
-    spawn rathole-client "$PEERS/rathole" --client "$WORK/rathole-client.toml"
+    spawn rathole-client "$PEERS/rathole" --client "$RH/rathole-client.toml"
     RATHOLE_C=$LAST
     if wait_port "$R_ECHO" && wait_port "$R_SRC" && wait_port "$R_SINK"; then
       HAVE_PEERS="$HAVE_PEERS rathole"

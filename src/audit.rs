@@ -258,15 +258,13 @@ impl TunnelRecord {
     }
 
     /// The 200 was sent: count it, observe the latency, record the status.
-    pub async fn established(&self, state: &BrokerState) {
+    /// Not awaited: the record exists (it was written before the open),
+    /// and `finish` writes the status again should this update fail.
+    pub fn established(&self, state: &BrokerState) {
         let m = state.metrics();
         m.tunnel_outcome(200);
         m.connect_latency.observe(self.since.elapsed());
-        if let Err(e) = state.store().audit_set_status(self.id, 200).await {
-            // The record exists (it was written before the open); only its
-            // status is missing, and `finish` writes it again.
-            insert_failed(state, "tunnel status", &e);
-        }
+        state.store().audit_set_status_nowait(self.id, 200);
     }
 
     /// The tunnel ended: exact byte counts and the close reason. The

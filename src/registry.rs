@@ -80,14 +80,24 @@ impl TunnelInfo {
 pub struct Registry {
     /// Live agent sessions by system id.
     agents: Mutex<HashMap<i64, Arc<AgentSession>>>,
-    /// Live tunnels by tunnel id.
-    tunnels: Mutex<HashMap<u64, Arc<TunnelInfo>>>,
+    /// Live tunnels.
+    tunnels: Mutex<Tunnels>,
     /// Id source for sessions and tunnels.
     next_id: AtomicU64,
     /// Bytes (client → target, target → client) of tunnels that have
     /// ended. Added under the `tunnels` lock as a tunnel is removed, so
     /// [`Registry::bytes_total`] never counts a tunnel twice or not at all.
     finished_bytes: (AtomicU64, AtomicU64),
+}
+
+/// Live tunnels by id, and how many each account has (so the per-account
+/// cap is checked without walking every tunnel).
+#[derive(Default)]
+struct Tunnels {
+    by_id: HashMap<u64, Arc<TunnelInfo>>,
+    per_account: HashMap<i64, usize>,
+    /// Revalidations started: see [`Registry::tunnels_for_revalidation`].
+    epoch: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,16 +144,46 @@ impl Registry {
     /// Register a running tunnel; it is removed when the guard drops.
     pub fn add_tunnel(self: &Arc<Self>, info: TunnelInfo) -> TunnelGuard {
         let info = Arc::new(info);
-        lock(&self.tunnels).insert(info.id, info.clone());
+        let mut t = lock(&self.tunnels);
+        if t.by_id.insert(info.id, info.clone()).is_none() {
+            *t.per_account.entry(info.account_id).or_insert(0) += 1;
+        }
+        let epoch = t.epoch;
+        drop(t);
         TunnelGuard {
             registry: self.clone(),
             info,
+            epoch,
         }
     }
 
     /// All running tunnels.
     pub fn tunnels(&self) -> Vec<Arc<TunnelInfo>> {
-        lock(&self.tunnels).values().cloned().collect()
+        lock(&self.tunnels).by_id.values().cloned().collect()
+    }
+
+    /// How many revalidations have started. A CONNECT reads it before it
+    /// reads the store, and compares it with [`TunnelGuard::epoch`].
+    pub fn revalidation_epoch(&self) -> u64 {
+        lock(&self.tunnels).epoch
+    }
+
+    /// Start a revalidation: bump the epoch and list the running tunnels,
+    /// under one lock. A tunnel registered after this sees the new epoch
+    /// (and checks itself); one registered before is in the list.
+    pub fn tunnels_for_revalidation(&self) -> Vec<Arc<TunnelInfo>> {
+        let mut t = lock(&self.tunnels);
+        t.epoch += 1;
+        t.by_id.values().cloned().collect()
+    }
+
+    /// How many tunnels run in all, and how many of them for `account_id`.
+    pub fn tunnel_counts(&self, account_id: i64) -> (usize, usize) {
+        let t = lock(&self.tunnels);
+        (
+            t.by_id.len(),
+            t.per_account.get(&account_id).copied().unwrap_or(0),
+        )
     }
 
     /// End a tunnel by id. Returns whether it existed.
@@ -154,7 +194,7 @@ impl Registry {
     /// End a tunnel by id, recording `reason` as its close reason. Returns
     /// whether it existed.
     pub fn kill_tunnel_because(&self, id: u64, reason: &'static str) -> bool {
-        match lock(&self.tunnels).get(&id) {
+        match lock(&self.tunnels).by_id.get(&id) {
             Some(t) => {
                 t.end_because(reason);
                 true
@@ -171,7 +211,7 @@ impl Registry {
             self.finished_bytes.0.load(Ordering::Relaxed),
             self.finished_bytes.1.load(Ordering::Relaxed),
         );
-        for t in tunnels.values() {
+        for t in tunnels.by_id.values() {
             let (u, d) = t.stats.get();
             up = up.saturating_add(u);
             down = down.saturating_add(d);
@@ -185,12 +225,21 @@ pub struct TunnelGuard {
     registry: Arc<Registry>,
     /// The registered tunnel.
     pub info: Arc<TunnelInfo>,
+    /// The revalidation epoch when it was registered.
+    pub epoch: u64,
 }
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
         let mut tunnels = lock(&self.registry.tunnels);
-        if tunnels.remove(&self.info.id).is_some() {
+        if tunnels.by_id.remove(&self.info.id).is_some() {
+            let account = self.info.account_id;
+            if let Some(n) = tunnels.per_account.get_mut(&account) {
+                *n -= 1;
+                if *n == 0 {
+                    tunnels.per_account.remove(&account);
+                }
+            }
             let (up, down) = self.info.stats.get();
             let finished = &self.registry.finished_bytes;
             finished.0.fetch_add(up, Ordering::Relaxed);

@@ -42,8 +42,27 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
 }
 
+/// ring, with AES-128-GCM/SHA-256 first. Its key schedule runs on the
+/// SHA-NI instructions most x86 servers have (SHA-384 has none), and
+/// AES-128 takes 10 rounds to AES-256's 14: a broker that terminates every
+/// tunnel twice spends less per handshake and per byte. Everything in the
+/// list is a standard AEAD suite; the broker picks in this order
+/// (`ignore_client_order`), the agent offers in it.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
 }
 
 /// Where the certificate files live.
@@ -234,6 +253,7 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(8192);
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(config)

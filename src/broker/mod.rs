@@ -403,9 +403,9 @@ async fn revalidate(state: Arc<BrokerState>, cancel: CancellationToken) {
 }
 
 /// End `t` if its account is disabled or no longer manages its customer.
-/// Run by [`revalidate_once`] for every tunnel, and once by each new tunnel
-/// right after it is registered: a change that landed while the tunnel was
-/// being opened was revalidated before the tunnel was visible.
+/// Run by [`revalidate_once`] for every tunnel, and once by a new tunnel
+/// whose setup overlapped a revalidation (the epoch moved between its store
+/// read and its registration): that revalidation may not have seen it.
 pub async fn recheck_tunnel(state: &BrokerState, t: &crate::registry::TunnelInfo) {
     let allowed = match state.store.account_by_name(&t.account).await {
         Ok(Some(a)) if a.id == t.account_id && a.enabled => state
@@ -425,7 +425,7 @@ pub async fn recheck_tunnel(state: &BrokerState, t: &crate::registry::TunnelInfo
 
 /// Check every live tunnel and agent session against the store once.
 pub async fn revalidate_once(state: &BrokerState) {
-    for t in state.registry.tunnels() {
+    for t in state.registry.tunnels_for_revalidation() {
         recheck_tunnel(state, &t).await;
     }
     for a in state.registry.agents() {

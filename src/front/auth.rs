@@ -273,6 +273,21 @@ impl Authenticator {
         source: IpAddr,
     ) -> Result<AuthedAccount, AuthError> {
         let account = self.store.account_by_name(&creds.user).await?;
+        self.verify_account(creds, source, account).await
+    }
+
+    /// [`Authenticator::verify`] with the account already read from the
+    /// store (`None`: no such user), so a CONNECT reads everything it needs
+    /// in one trip.
+    ///
+    /// # Errors
+    /// As [`Authenticator::verify`].
+    pub async fn verify_account(
+        &self,
+        creds: &Credentials,
+        source: IpAddr,
+        account: Option<crate::store::Account>,
+    ) -> Result<AuthedAccount, AuthError> {
         let stored = account.as_ref().map(|a| a.password_hash.clone());
         let hash = stored
             .clone()

@@ -240,6 +240,8 @@ struct Ready {
     agent: Arc<AgentSession>,
     /// When the CONNECT head was complete (latency metric).
     since: Instant,
+    /// The revalidation epoch before the store was read.
+    epoch: u64,
 }
 
 /// Steps 1-4 of routing (product.md): authenticate, authorize, find the
@@ -255,28 +257,27 @@ async fn prepare_connect(
         Some(v) => decode_basic(v)?,
         None => return Err(FrontError::AuthRequired),
     };
+    // Everything this CONNECT reads, in one trip to the store. Read before
+    // the revalidation epoch below is compared: see `run_tunnel`.
+    let epoch = state.registry().revalidation_epoch();
+    let found = state
+        .store()
+        .connect_lookup(&creds.user, &dest.customer, dest.system.as_deref())
+        .await
+        .map_err(|e| FrontError::Store(e.to_string()))?;
     let account = state
         .auth()
-        .verify(&creds, peer.ip())
+        .verify_account(&creds, peer.ip(), found.account)
         .await
         .map_err(|e| match e {
             super::auth::AuthError::BadCredentials => FrontError::AuthRequired,
             super::auth::AuthError::Throttled => FrontError::Throttled,
             super::auth::AuthError::Store(e) => FrontError::Store(e.to_string()),
         })?;
-    let store = state.store();
-    let managed = store
-        .customer_managed_by(account.id, &dest.customer)
-        .await
-        .map_err(|e| FrontError::Store(e.to_string()))?;
-    if !managed {
+    if !found.managed {
         return Err(FrontError::NotFound);
     }
-    let system = store
-        .find_system(&dest.customer, dest.system.as_deref())
-        .await
-        .map_err(|e| FrontError::Store(e.to_string()))?
-        .ok_or(FrontError::NotFound)?;
+    let system = found.system.ok_or(FrontError::NotFound)?;
     let agent = state
         .registry()
         .agent(system.id)
@@ -287,16 +288,11 @@ async fn prepare_connect(
     };
     agent.hello.policy.check(&target, Enforcement::Broker)?;
     let limits = &state.settings.limits;
-    let tunnels = state.registry().tunnels();
-    if tunnels.len() >= limits.max_tunnels || state.overloaded() {
+    let (tunnels, mine) = state.registry().tunnel_counts(account.id);
+    if tunnels >= limits.max_tunnels || state.overloaded() {
         return Err(FrontError::Overloaded);
     }
-    if tunnels
-        .iter()
-        .filter(|t| t.account_id == account.id)
-        .count()
-        >= limits.max_tunnels_per_account
-    {
+    if mine >= limits.max_tunnels_per_account {
         return Err(FrontError::Busy("too many tunnels for this account"));
     }
     Ok(Ready {
@@ -306,6 +302,7 @@ async fn prepare_connect(
         target,
         agent,
         since,
+        epoch,
     })
 }
 
@@ -346,7 +343,7 @@ async fn run_tunnel(
         record.client_gone(state).await;
         return;
     }
-    record.established(state).await;
+    record.established(state);
     let registry = state.registry();
     let tunnel_cancel = cancel.child_token();
     let guard = registry.add_tunnel(TunnelInfo {
@@ -363,8 +360,12 @@ async fn run_tunnel(
         end_reason: std::sync::OnceLock::new(),
     });
     let info = guard.info.clone();
-    // A revocation that raced with the setup missed this tunnel: check once.
-    crate::broker::recheck_tunnel(state, &info).await;
+    // A revalidation that started after this CONNECT read the store did
+    // not see the tunnel if it began before the registration: then the
+    // epoch moved in between, and the tunnel checks itself once.
+    if guard.epoch != ready.epoch {
+        crate::broker::recheck_tunnel(state, &info).await;
+    }
     let span =
         tracing::info_span!("tunnel", id = info.id, account = %ready.account, dest = %ready.dest);
     async move {

@@ -20,6 +20,8 @@
 pub mod audit;
 pub mod sqlite;
 
+pub use sqlite::ConnectLookup;
+
 use std::path::{Path, PathBuf};
 
 /// Name of the database file inside the data directory.
@@ -475,14 +477,36 @@ impl Store {
         }
     }
 
-    /// Inserts an audit record; returns its id.
+    /// Everything a CONNECT reads, in one trip to the blocking pool. See
+    /// [`sqlite::SqliteStore::connect_lookup`].
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] on a database error.
+    pub async fn connect_lookup(
+        &self,
+        user: &str,
+        customer: &str,
+        system: Option<&str>,
+    ) -> Result<ConnectLookup, StoreError> {
+        let (u, c, n) = (
+            user.to_owned(),
+            customer.to_owned(),
+            system.map(str::to_owned),
+        );
+        match self {
+            Store::Sqlite(s) => blocking(s, move |s| s.connect_lookup(&u, &c, n.as_deref())).await,
+        }
+    }
+
+    /// Inserts an audit record (group-committed with others); returns its
+    /// id once it is stored.
     ///
     /// # Errors
     /// [`StoreError::Invalid`] without a kind, [`StoreError::Backend`] when
     /// the write fails (the caller fails closed).
     pub async fn audit_insert(&self, rec: audit::NewAudit) -> Result<i64, StoreError> {
         match self {
-            Store::Sqlite(s) => blocking(s, move |s| s.audit_insert(&rec)).await,
+            Store::Sqlite(s) => s.audit_apply(sqlite::AuditOp::Insert(rec)).await,
         }
     }
 
@@ -492,7 +516,19 @@ impl Store {
     /// [`StoreError::Backend`] when the write fails.
     pub async fn audit_set_status(&self, id: i64, status: u16) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => blocking(s, move |s| s.audit_set_status(id, status)).await,
+            Store::Sqlite(s) => s
+                .audit_apply(sqlite::AuditOp::SetStatus(id, status))
+                .await
+                .map(drop),
+        }
+    }
+
+    /// Queues a status update of an open record without waiting for it;
+    /// a failure is logged. Later writes of the same caller are applied
+    /// after it.
+    pub fn audit_set_status_nowait(&self, id: i64, status: u16) {
+        match self {
+            Store::Sqlite(s) => s.audit_set_status_nowait(id, status),
         }
     }
 
@@ -503,7 +539,10 @@ impl Store {
     /// [`StoreError::Backend`] when the write fails.
     pub async fn audit_finish(&self, id: i64, end: audit::AuditEnd) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => blocking(s, move |s| s.audit_finish(id, &end)).await,
+            Store::Sqlite(s) => s
+                .audit_apply(sqlite::AuditOp::Finish(id, end))
+                .await
+                .map(drop),
         }
     }
 

@@ -1,9 +1,14 @@
 //! SQLite backend of the store.
 //!
-//! One long-lived connection behind a `std::sync::Mutex`; callers on the
-//! async side reach it through [`super::Store`], which runs each operation
-//! on tokio's blocking pool. The CLI calls the synchronous methods here
-//! directly, from its own process and connection.
+//! One long-lived write connection behind a `std::sync::Mutex`; callers on
+//! the async side reach it through [`super::Store`], which runs each
+//! operation on tokio's blocking pool. The CLI calls the synchronous
+//! methods here directly, from its own process and connection.
+//!
+//! Two things keep tunnel setup off that one lock: the per-CONNECT reads
+//! ([`SqliteStore::connect_lookup`]) go to a small set of read-only
+//! connections, and the broker's audit writes go through a group-commit
+//! thread ([`writer`]) that applies everything queued in one transaction.
 //!
 //! The file is opened in WAL mode (readers never block the writer), with a
 //! 5 s busy timeout (the broker and the CLI share the file) and foreign keys
@@ -12,12 +17,16 @@
 //! entry *i* of [`MIGRATIONS`] moves the file from version *i* to *i + 1*.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 mod audit;
+mod writer;
+
+pub use writer::AuditOp;
 
 use super::{
     normalize_customer_id, normalize_system_name, valid_customer_name, Account, AccountSummary,
@@ -168,6 +177,82 @@ fn system_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<System> {
     })
 }
 
+/// Opens the read-only connections.
+fn open_readers(path: &Path) -> Result<Readers, StoreError> {
+    let mut conns = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let c = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(BUSY_TIMEOUT)?;
+        c.pragma_update(None, "query_only", true)?;
+        c.set_prepared_statement_cache_capacity(16);
+        conns.push(Mutex::new(c));
+    }
+    Ok(Readers {
+        conns,
+        next: AtomicUsize::new(0),
+    })
+}
+
+fn account_by_name_on(c: &Connection, name: &str) -> Result<Option<Account>, StoreError> {
+    if !valid_user_name(name) {
+        return Ok(None);
+    }
+    Ok(
+        c.prepare_cached("SELECT id, name, password_hash, enabled FROM accounts WHERE name = ?1")?
+            .query_row(params![name], |r| {
+                Ok(Account {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    password_hash: r.get(2)?,
+                    enabled: r.get(3)?,
+                })
+            })
+            .optional()?,
+    )
+}
+
+fn managed_by_on(c: &Connection, account_id: i64, customer_id: &str) -> Result<bool, StoreError> {
+    let Some(customer_id) = normalize_customer_id(customer_id) else {
+        return Ok(false);
+    };
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM account_customers WHERE account_id = ?1 AND customer_id = ?2",
+    )?
+    .query_row(params![account_id, customer_id], |_| Ok(()))
+    .optional()?
+    .is_some())
+}
+
+fn find_system_on(
+    c: &Connection,
+    customer_id: &str,
+    system: Option<&str>,
+) -> Result<Option<System>, StoreError> {
+    let Some(customer_id) = normalize_customer_id(customer_id) else {
+        return Ok(None);
+    };
+    let found = match system {
+        None => c
+            .prepare_cached(&format!(
+                "SELECT {SYSTEM_COLS} FROM systems WHERE customer_id = ?1 AND is_primary = 1"
+            ))?
+            .query_row(params![customer_id], system_row),
+        Some(name) => {
+            let Some(name) = normalize_system_name(name) else {
+                return Ok(None);
+            };
+            c.prepare_cached(&format!(
+                "SELECT {SYSTEM_COLS} FROM systems WHERE customer_id = ?1 AND name = ?2"
+            ))?
+            .query_row(params![customer_id, name], system_row)
+        }
+    };
+    Ok(found.optional()?)
+}
+
 /// Column list matching [`system_row`].
 const SYSTEM_COLS: &str = "id, customer_id, name, is_primary";
 
@@ -177,8 +262,35 @@ pub struct SqliteStore {
     /// The connection. One per process is enough (operations are short) and
     /// `PRAGMA data_version` is only meaningful on a long-lived connection.
     conn: Arc<Mutex<Connection>>,
+    /// Read-only connections for the per-CONNECT lookups, so tunnel setup
+    /// does not queue behind writes (WAL readers never wait for the
+    /// writer). Opened on first use: the CLI never needs them.
+    readers: Arc<OnceLock<Result<Readers, String>>>,
+    /// The group-commit audit writer, started on first use.
+    writer: Arc<OnceLock<Result<writer::AuditWriter, String>>>,
     /// Where the file is, for `Debug` and error messages.
     path: Arc<PathBuf>,
+}
+
+/// A few read-only connections, taken round robin.
+struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+/// Read connections: the broker looks up on the blocking pool, and two
+/// cover a two-core machine without one lookup waiting for another.
+const READERS: usize = 2;
+
+/// What a CONNECT needs from the store, read in one go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectLookup {
+    /// The claimed account, if it exists.
+    pub account: Option<Account>,
+    /// Whether that account manages the customer.
+    pub managed: bool,
+    /// The addressed system (the primary one without a name).
+    pub system: Option<System>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -240,6 +352,8 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(OnceLock::new()),
+            writer: Arc::new(OnceLock::new()),
             path: Arc::new(path.to_owned()),
         })
     }
@@ -255,6 +369,78 @@ impl SqliteStore {
     /// poisoned lock is safe to reuse.
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A read-only connection, opened on first use.
+    fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        let readers = self
+            .readers
+            .get_or_init(|| open_readers(&self.path).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| StoreError::Backend(e.clone()))?;
+        let start = readers.next.fetch_add(1, Ordering::Relaxed);
+        let n = readers.conns.len();
+        for i in 0..n {
+            if let Ok(c) = readers.conns[(start + i) % n].try_lock() {
+                return Ok(c);
+            }
+        }
+        Ok(readers.conns[start % n]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The audit writer, started on first use.
+    fn audit_writer(&self) -> Result<&writer::AuditWriter, StoreError> {
+        self.writer
+            .get_or_init(|| {
+                writer::AuditWriter::start(self.conn.clone())
+                    .map_err(|e| format!("cannot start the audit writer: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| StoreError::Backend(e.clone()))
+    }
+
+    /// Applies an audit write in the writer's next group commit.
+    ///
+    /// # Errors
+    /// As the matching synchronous method; [`StoreError::Backend`] when
+    /// the batch's transaction failed.
+    pub async fn audit_apply(&self, op: AuditOp) -> Result<i64, StoreError> {
+        self.audit_writer()?.apply(op).await
+    }
+
+    /// Queues a status update for an open record; failures are logged.
+    pub fn audit_set_status_nowait(&self, id: i64, status: u16) {
+        match self.audit_writer() {
+            Ok(w) => w.set_status_nowait(id, status),
+            Err(e) => tracing::warn!(error = %e, id, "audit status not recorded"),
+        }
+    }
+
+    /// The account `user`, whether it manages `customer`, and the system
+    /// addressed, on a read connection. Invalid names find nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] on a database error.
+    pub fn connect_lookup(
+        &self,
+        user: &str,
+        customer: &str,
+        system: Option<&str>,
+    ) -> Result<ConnectLookup, StoreError> {
+        let c = self.reader()?;
+        let account = account_by_name_on(&c, user)?;
+        let managed = match &account {
+            Some(a) => managed_by_on(&c, a.id, customer)?,
+            None => false,
+        };
+        let system = find_system_on(&c, customer, system)?;
+        Ok(ConnectLookup {
+            account,
+            managed,
+            system,
+        })
     }
 
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction and commits if it
@@ -395,24 +581,7 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Backend`] on a database error.
     pub fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
-        if !valid_user_name(name) {
-            return Ok(None);
-        }
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT id, name, password_hash, enabled FROM accounts WHERE name = ?1",
-                params![name],
-                |r| {
-                    Ok(Account {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        password_hash: r.get(2)?,
-                        enabled: r.get(3)?,
-                    })
-                },
-            )
-            .optional()?)
+        account_by_name_on(&self.conn(), name)
     }
 
     /// Creates a customer managed by `account_name`, in one transaction.
@@ -580,18 +749,7 @@ impl SqliteStore {
         account_id: i64,
         customer_id: &str,
     ) -> Result<bool, StoreError> {
-        let Some(customer_id) = normalize_customer_id(customer_id) else {
-            return Ok(false);
-        };
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT 1 FROM account_customers WHERE account_id = ?1 AND customer_id = ?2",
-                params![account_id, customer_id],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        managed_by_on(&self.conn(), account_id, customer_id)
     }
 
     /// Adds a system with its agent token hash. The customer's first system
@@ -762,32 +920,7 @@ impl SqliteStore {
         customer_id: &str,
         system: Option<&str>,
     ) -> Result<Option<System>, StoreError> {
-        let Some(customer_id) = normalize_customer_id(customer_id) else {
-            return Ok(None);
-        };
-        let conn = self.conn();
-        let found = match system {
-            None => conn.query_row(
-                &format!(
-                    "SELECT {SYSTEM_COLS} FROM systems WHERE customer_id = ?1 AND is_primary = 1"
-                ),
-                params![customer_id],
-                system_row,
-            ),
-            Some(name) => {
-                let Some(name) = normalize_system_name(name) else {
-                    return Ok(None);
-                };
-                conn.query_row(
-                    &format!(
-                        "SELECT {SYSTEM_COLS} FROM systems WHERE customer_id = ?1 AND name = ?2"
-                    ),
-                    params![customer_id, name],
-                    system_row,
-                )
-            }
-        };
-        Ok(found.optional()?)
+        find_system_on(&self.conn(), customer_id, system)
     }
 
     /// Whether `hash` is still the token hash of system `system_id`: false
@@ -901,6 +1034,48 @@ mod tests {
 
     fn th() -> String {
         token_hash(&generate_token())
+    }
+
+    #[test]
+    fn connect_lookup_reads_account_grant_and_system_on_a_reader() {
+        let (_d, store) = temp_store();
+        let acct = store.add_account("acme", HASH).unwrap();
+        store.add_customer("1234", "acme", None).unwrap();
+        store.add_account("other", HASH).unwrap();
+        let primary = store.add_system("1234", "ipo", true, &th()).unwrap();
+        let second = store.add_system("1234", "srv", false, &th()).unwrap();
+
+        let l = store.connect_lookup("ACME", "1234", None).unwrap();
+        assert_eq!(l.account.as_ref().map(|a| a.id), Some(acct.id));
+        assert!(l.managed);
+        assert_eq!(l.system, Some(primary));
+        let l = store.connect_lookup("acme", "1234", Some("SRV")).unwrap();
+        assert_eq!(l.system, Some(second));
+        // Not managed by this account; the system is still found (the
+        // caller answers both with the same 404).
+        let l = store.connect_lookup("other", "1234", None).unwrap();
+        assert!(l.account.is_some() && !l.managed && l.system.is_some());
+        for (user, customer, system) in [
+            ("nobody", "1234", None),
+            ("bad user!", "1234", None),
+            ("acme", "9999", None),
+            ("acme", "12-34", None),
+            ("acme", "1234", Some("no.such")),
+        ] {
+            let l = store.connect_lookup(user, customer, system).unwrap();
+            assert!(
+                l.account.is_none() || !l.managed || l.system.is_none(),
+                "{user} {customer} {system:?}: {l:?}"
+            );
+        }
+        // A change through the write connection is seen by the readers at
+        // once (WAL: every read starts from the last commit).
+        store.set_account_enabled("acme", false).unwrap();
+        let l = store.connect_lookup("acme", "1234", None).unwrap();
+        assert!(!l.account.unwrap().enabled);
+        // The readers cannot write.
+        let r = store.reader().unwrap();
+        assert!(r.execute("DELETE FROM accounts", []).is_err());
     }
 
     #[test]

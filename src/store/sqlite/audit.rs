@@ -1,11 +1,12 @@
 //! The `audit` table (migration 2) of the SQLite store.
 //!
-//! Inserts and updates are single statements in `BEGIN IMMEDIATE`
-//! transactions, like every other write. Queries use the `audit_by_start`
+//! Inserts and updates are single statements. The synchronous methods
+//! (the CLI) run each in its own `BEGIN IMMEDIATE` transaction; the
+//! broker's go through [`super::writer`], which commits many in one. Queries use the `audit_by_start`
 //! index for `--since` and the partial `audit_open` index to find records
 //! left open by a crash.
 
-use rusqlite::{params, params_from_iter, types::Value};
+use rusqlite::{params, params_from_iter, types::Value, Connection};
 
 use super::SqliteStore;
 use crate::store::audit::{
@@ -63,6 +64,60 @@ fn record_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
     })
 }
 
+/// Inserts `rec` on `c` (inside the caller's transaction); returns its id.
+pub(super) fn insert_on(c: &Connection, rec: &NewAudit) -> Result<i64, StoreError> {
+    let kind = rec
+        .kind
+        .ok_or_else(|| StoreError::Invalid("audit record without a kind".to_owned()))?;
+    c.prepare_cached(
+        "INSERT INTO audit (kind, account, client, customer, system, dest, target,
+                            started_at, ended_at, status, reason, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        kind.as_str(),
+        cut(&rec.account),
+        cut(&rec.client),
+        cut(&rec.customer),
+        cut(&rec.system),
+        cut(&rec.dest),
+        cut(&rec.target),
+        rec.started_ms,
+        rec.ended_ms,
+        rec.status,
+        cut(&rec.reason),
+        cut(&rec.detail),
+    ])?;
+    Ok(c.last_insert_rowid())
+}
+
+/// Sets the status of open record `id` if it has none yet.
+pub(super) fn set_status_on(c: &Connection, id: i64, status: u16) -> Result<(), StoreError> {
+    c.prepare_cached("UPDATE audit SET status = ?2 WHERE id = ?1 AND status IS NULL")?
+        .execute(params![id, status])?;
+    Ok(())
+}
+
+/// Finishes open record `id`; [`StoreError::NotFound`] if none is open.
+pub(super) fn finish_on(c: &Connection, id: i64, end: &AuditEnd) -> Result<(), StoreError> {
+    let (up, down) = match end.bytes {
+        Some((u, d)) => (Some(to_i64(u)), Some(to_i64(d))),
+        None => (None, None),
+    };
+    let reason = cut(&Some(end.reason.clone()));
+    let n = c
+        .prepare_cached(
+            "UPDATE audit SET ended_at = ?2, bytes_up = ?3, bytes_down = ?4,
+                              status = COALESCE(?5, status), reason = ?6
+             WHERE id = ?1 AND ended_at IS NULL",
+        )?
+        .execute(params![id, end.ended_ms, up, down, end.status, reason])?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("open audit record {id}")));
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Inserts an audit record; returns its id.
     ///
@@ -71,31 +126,7 @@ impl SqliteStore {
     /// the write fails (disk full, locked, read-only): callers that start
     /// a tunnel must then refuse it.
     pub fn audit_insert(&self, rec: &NewAudit) -> Result<i64, StoreError> {
-        let kind = rec
-            .kind
-            .ok_or_else(|| StoreError::Invalid("audit record without a kind".to_owned()))?;
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO audit (kind, account, client, customer, system, dest, target,
-                                    started_at, ended_at, status, reason, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    kind.as_str(),
-                    cut(&rec.account),
-                    cut(&rec.client),
-                    cut(&rec.customer),
-                    cut(&rec.system),
-                    cut(&rec.dest),
-                    cut(&rec.target),
-                    rec.started_ms,
-                    rec.ended_ms,
-                    rec.status,
-                    cut(&rec.reason),
-                    cut(&rec.detail),
-                ],
-            )?;
-            Ok(tx.last_insert_rowid())
-        })
+        self.write(|tx| insert_on(tx, rec))
     }
 
     /// Sets the status of a still-open record that has none yet (the 200
@@ -104,13 +135,7 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::Backend`] when the write fails.
     pub fn audit_set_status(&self, id: i64, status: u16) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE audit SET status = ?2 WHERE id = ?1 AND status IS NULL",
-                params![id, status],
-            )?;
-            Ok(())
-        })
+        self.write(|tx| set_status_on(tx, id, status))
     }
 
     /// Finishes an open record: end time, bytes, reason and (if given)
@@ -120,23 +145,7 @@ impl SqliteStore {
     /// [`StoreError::NotFound`] if no open record has this id;
     /// [`StoreError::Backend`] when the write fails.
     pub fn audit_finish(&self, id: i64, end: &AuditEnd) -> Result<(), StoreError> {
-        let (up, down) = match end.bytes {
-            Some((u, d)) => (Some(to_i64(u)), Some(to_i64(d))),
-            None => (None, None),
-        };
-        let reason = cut(&Some(end.reason.clone()));
-        self.write(|tx| {
-            let n = tx.execute(
-                "UPDATE audit SET ended_at = ?2, bytes_up = ?3, bytes_down = ?4,
-                                  status = COALESCE(?5, status), reason = ?6
-                 WHERE id = ?1 AND ended_at IS NULL",
-                params![id, end.ended_ms, up, down, end.status, reason],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("open audit record {id}")));
-            }
-            Ok(())
-        })
+        self.write(|tx| finish_on(tx, id, end))
     }
 
     /// Closes every record left open (by a crash) as [`INTERRUPTED`], with

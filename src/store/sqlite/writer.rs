@@ -1,0 +1,257 @@
+//! Group commit for the broker's audit writes.
+//!
+//! Every tunnel writes its record before the agent is asked to open (fail
+//! closed), sets its status after the 200, and finishes it at the end. One
+//! `BEGIN IMMEDIATE … COMMIT` per write made the store connection the
+//! bottleneck of tunnel setup under concurrency. Here one thread drains
+//! whatever is queued, applies it in one transaction and answers each
+//! caller after the commit: a caller still learns that *its* record is
+//! stored before it goes on, but a burst of 64 setups costs one commit,
+//! not 64.
+//!
+//! The queue is unbounded on purpose and bounded in practice: every caller
+//! but [`AuditWriter::set_status_nowait`] waits for its answer, and each
+//! connection has at most one such write outstanding, so the queue never
+//! holds more than the broker's connection cap plus one status update per
+//! live tunnel.
+//!
+//! Statement errors belong to their own operation (a finish of a record
+//! that is already closed is `NotFound` and changes nothing). If the
+//! transaction itself fails (disk full, I/O error), every operation in the
+//! batch gets the error, so no caller believes a lost write was stored.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::audit::{finish_on, insert_on, set_status_on};
+use crate::store::audit::{AuditEnd, NewAudit};
+use crate::store::StoreError;
+
+/// Most operations applied in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// One audit write.
+#[derive(Debug)]
+pub enum AuditOp {
+    /// Insert a record; answers its id.
+    Insert(NewAudit),
+    /// Set the status of an open record that has none (answers 0).
+    SetStatus(i64, u16),
+    /// Finish an open record (answers 0; `NotFound` if none is open).
+    Finish(i64, AuditEnd),
+}
+
+/// Rows affected by an operation: the new id for an insert, 0 otherwise.
+type Reply = Result<i64, StoreError>;
+
+struct Job {
+    op: AuditOp,
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+/// Handle on the writer thread. The thread ends when the last handle is
+/// dropped (its queue closes) after finishing what was queued.
+#[derive(Debug, Clone)]
+pub(super) struct AuditWriter {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.op.fmt(f)
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer thread on `conn` (shared with the store's other
+    /// writes, which take the same lock).
+    pub(super) fn start(conn: Arc<Mutex<Connection>>) -> std::io::Result<AuditWriter> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("maintgate-audit".into())
+            .spawn(move || run(&conn, rx))?;
+        Ok(AuditWriter { tx })
+    }
+
+    /// Applies `op` in the next batch and waits for its commit.
+    pub(super) async fn apply(&self, op: AuditOp) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Job {
+                op,
+                reply: Some(reply),
+            })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    /// Queues a status update without waiting; a failure is logged.
+    pub(super) fn set_status_nowait(&self, id: i64, status: u16) {
+        let job = Job {
+            op: AuditOp::SetStatus(id, status),
+            reply: None,
+        };
+        if self.tx.send(job).is_err() {
+            tracing::warn!(id, "audit writer stopped: status not recorded");
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Backend("audit writer stopped".to_owned())
+}
+
+fn run(conn: &Mutex<Connection>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let replies = {
+            let mut c = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            apply_batch(&mut c, batch.iter().map(|j| &j.op))
+        };
+        for (job, reply) in batch.drain(..).zip(replies) {
+            match (job.reply, reply) {
+                (Some(tx), r) => {
+                    let _ = tx.send(r);
+                }
+                (None, Err(e)) => tracing::warn!(error = %e, op = ?job.op, "audit write failed"),
+                (None, Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Applies `ops` in one transaction; one reply per op, in order.
+pub(super) fn apply_batch<'a>(
+    c: &mut Connection,
+    ops: impl ExactSizeIterator<Item = &'a AuditOp>,
+) -> Vec<Reply> {
+    let n = ops.len();
+    let tx = match c.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return all_failed(n, &e.into()),
+    };
+    let mut replies = Vec::with_capacity(n);
+    for op in ops {
+        let r = match op {
+            AuditOp::Insert(rec) => insert_on(&tx, rec),
+            AuditOp::SetStatus(id, status) => set_status_on(&tx, *id, *status).map(|()| 0),
+            AuditOp::Finish(id, end) => finish_on(&tx, *id, end).map(|()| 0),
+        };
+        replies.push(r);
+        if tx.is_autocommit() {
+            // SQLite rolled the whole transaction back (I/O error, full
+            // disk): nothing of this batch is stored.
+            return all_failed(n, &StoreError::Backend("transaction rolled back".into()));
+        }
+    }
+    match tx.commit() {
+        Ok(()) => replies,
+        Err(e) => all_failed(n, &e.into()),
+    }
+}
+
+fn all_failed(n: usize, e: &StoreError) -> Vec<Reply> {
+    (0..n)
+        .map(|_| Err(StoreError::Backend(e.to_string())))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::audit::AuditKind;
+    use crate::store::sqlite::SqliteStore;
+
+    fn rec(account: &str) -> NewAudit {
+        NewAudit {
+            kind: Some(AuditKind::Tunnel),
+            account: Some(account.to_owned()),
+            started_ms: 1,
+            ..NewAudit::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn batched_writes_are_stored_and_answered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let w = AuditWriter::start(store.conn.clone()).unwrap();
+        let ids = futures_util::future::join_all(
+            (0..100).map(|i| w.apply(AuditOp::Insert(rec(&format!("a{i}"))))),
+        )
+        .await;
+        let ids: Vec<i64> = ids.into_iter().map(Result::unwrap).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 100, "every insert got its own id");
+        w.set_status_nowait(ids[0], 200);
+        let end = AuditEnd {
+            ended_ms: 2,
+            status: None,
+            bytes: Some((3, 4)),
+            reason: "closed".into(),
+        };
+        w.apply(AuditOp::Finish(ids[0], end.clone())).await.unwrap();
+        // The status queued before the finish was applied before it.
+        let stored = store
+            .audit_query(&crate::store::audit::AuditFilter::default())
+            .unwrap();
+        let first = stored.iter().find(|r| r.id == ids[0]).unwrap();
+        assert_eq!(first.status, Some(200));
+        assert_eq!(first.end_ms, Some(2));
+        assert_eq!(first.account.as_deref(), Some("a0"));
+        // A second finish of the same record fails alone.
+        let again = w.apply(AuditOp::Finish(ids[0], end)).await;
+        assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+        w.apply(AuditOp::SetStatus(ids[1], 200)).await.unwrap();
+    }
+
+    #[test]
+    fn a_failed_statement_fails_only_its_own_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let mut c = store.conn.lock().unwrap();
+        let end = AuditEnd {
+            ended_ms: 2,
+            status: None,
+            bytes: None,
+            reason: "closed".into(),
+        };
+        let ops = [
+            AuditOp::Insert(rec("x")),
+            AuditOp::Finish(999, end),
+            AuditOp::Insert(NewAudit::default()),
+            AuditOp::Insert(rec("y")),
+        ];
+        let r = apply_batch(&mut c, ops.iter());
+        assert!(r[0].is_ok());
+        assert!(matches!(r[1], Err(StoreError::NotFound(_))));
+        assert!(matches!(r[2], Err(StoreError::Invalid(_))));
+        assert!(r[3].is_ok());
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM audit", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn a_read_only_database_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let mut c = store.conn.lock().unwrap();
+        c.pragma_update(None, "query_only", true).unwrap();
+        let ops = [AuditOp::Insert(rec("x")), AuditOp::Insert(rec("y"))];
+        let r = apply_batch(&mut c, ops.iter());
+        assert!(r.iter().all(Result::is_err), "{r:?}");
+    }
+}
