@@ -198,7 +198,7 @@ impl AgentSettings {
             field: "services/tunnel",
             message: e.to_string(),
         })?;
-        let dm = MuxConfig::default();
+        let dm = MuxConfig::agent_default();
         let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
         let mux = MuxConfig {
             window: f.window_bytes.unwrap_or(dm.window),

@@ -46,23 +46,86 @@ async fn refuse(conn: &mut Conn, status: &str) {
 }
 
 /// Serve one agent connection to its end.
+///
+/// The setup (upgrade, token, HELLO, registration) runs in its own boxed
+/// future and is freed once the session is up: what stays allocated for
+/// the life of an idle session is only the small wait below. (One future
+/// for both made every idle agent hold the setup's peak state, about
+/// 7 KiB.)
 pub async fn serve(
     state: Arc<BrokerState>,
-    mut conn: Conn,
+    conn: Conn,
     head: RequestHead,
     cancel: CancellationToken,
 ) {
+    let Some(live) = Box::pin(establish(&state, conn, head, cancel)).await else {
+        return;
+    };
+    let Live {
+        session,
+        done,
+        incoming,
+        span,
+    } = live;
+    async move {
+        let end = done.await;
+        drop(incoming);
+        state
+            .registry()
+            .unregister(session.system_id, session.session_id);
+        info!(?end, "agent disconnected");
+        let why = crate::logsafe::escape(&format!("{end:?}"), 200);
+        let event = crate::audit::event(
+            &state,
+            AuditKind::AgentDisconnect,
+            subject(&session, Some(why)),
+        );
+        let _ = Box::pin(event).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// A registered session, for [`serve`] to wait on.
+struct Live {
+    session: Arc<AgentSession>,
+    done: tokio::task::JoinHandle<crate::mux::SessionEnd>,
+    /// Streams the agent would open: none (only the broker opens), but
+    /// the session ends if this is dropped.
+    incoming: tokio::sync::mpsc::Receiver<crate::mux::Incoming>,
+    span: tracing::Span,
+}
+
+/// The audit subject of a session's events.
+fn subject(session: &AgentSession, reason: Option<String>) -> crate::audit::Event {
+    crate::audit::Event {
+        client: Some(session.remote),
+        customer: Some(session.customer.clone()),
+        system: Some(session.system.clone()),
+        reason,
+        detail: Some(format!("version {}", session.hello.version)),
+        ..Default::default()
+    }
+}
+
+/// Upgrade, authenticate, read the HELLO and register the session.
+async fn establish(
+    state: &Arc<BrokerState>,
+    mut conn: Conn,
+    head: RequestHead,
+    cancel: CancellationToken,
+) -> Option<Live> {
     if head.method != "GET"
         || !has_token(head.header("upgrade"), "websocket")
         || !has_token(head.header("connection"), "upgrade")
         || head.header("sec-websocket-version") != Some("13")
     {
         refuse(&mut conn, "400 Bad WebSocket upgrade").await;
-        return;
+        return None;
     }
     let Some(key) = head.header("sec-websocket-key").map(str::trim) else {
         refuse(&mut conn, "400 Bad WebSocket upgrade").await;
-        return;
+        return None;
     };
     let token = head
         .header("authorization")
@@ -72,7 +135,7 @@ pub async fn serve(
         .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);
     let Some(token) = token else {
         refuse(&mut conn, "401 Agent token required").await;
-        return;
+        return None;
     };
     let hash = token_hash(token);
     let system = match state.store().system_by_token_hash(&hash).await {
@@ -80,7 +143,7 @@ pub async fn serve(
         Ok(None) => {
             info!(peer = %conn.peer, "agent token not accepted");
             let _ = crate::audit::event(
-                &state,
+                state,
                 AuditKind::AgentRefused,
                 crate::audit::Event {
                     client: Some(conn.peer),
@@ -91,12 +154,12 @@ pub async fn serve(
             )
             .await;
             refuse(&mut conn, "401 Agent token not accepted").await;
-            return;
+            return None;
         }
         Err(e) => {
             warn!(error = %e, "store unavailable for agent login");
             refuse(&mut conn, "503 Broker store unavailable").await;
-            return;
+            return None;
         }
     };
     let accept = derive_accept_key(key.as_bytes());
@@ -104,7 +167,7 @@ pub async fn serve(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
     );
     if conn.respond(reply.as_bytes()).await.is_err() {
-        return;
+        return None;
     }
     let peer = conn.peer;
     crate::mux::session::tune_link_socket(conn.io.get_ref().0, state.settings.mux.notsent_lowat);
@@ -130,10 +193,10 @@ pub async fn serve(
             Err(e) => {
                 warn!(error = %e, "agent refused");
                 let _ = ws.close(None).await;
-                return;
+                return None;
             }
         };
-        let (mux, _incoming, done) = Mux::start(ws, Role::Broker, state.settings.mux.clone(), cancel.child_token());
+        let (mux, incoming, done) = Mux::start(ws, Role::Broker, state.settings.mux.clone(), cancel.child_token());
         let registry = state.registry();
         let session = Arc::new(AgentSession {
             session_id: registry.next_id(),
@@ -152,19 +215,11 @@ pub async fn serve(
             info!(old_peer = %old.remote, "agent session replaced by a new connection with the same token");
             old.mux.close();
         }
-        let subject = |reason: Option<String>| crate::audit::Event {
-            client: Some(peer),
-            customer: Some(session.customer.clone()),
-            system: Some(session.system.clone()),
-            reason,
-            detail: Some(format!("version {}", session.hello.version)),
-            ..Default::default()
-        };
         let (kind, reason) = match &replaced {
             Some(old) => (AuditKind::AgentReplace, Some(format!("replaced the session from {}", old.remote))),
             None => (AuditKind::AgentConnect, None),
         };
-        let _ = crate::audit::event(&state, kind, subject(reason)).await;
+        let _ = crate::audit::event(state, kind, subject(&session, reason)).await;
         // A rotation that raced with this login: check once now.
         if let Ok(false) = state
             .store()
@@ -173,11 +228,12 @@ pub async fn serve(
         {
             session.mux.close();
         }
-        let end = done.await;
-        registry.unregister(session.system_id, session.session_id);
-        info!(?end, "agent disconnected");
-        let why = crate::logsafe::escape(&format!("{end:?}"), 200);
-        let _ = crate::audit::event(&state, AuditKind::AgentDisconnect, subject(Some(why))).await;
+        Some(Live {
+            session,
+            done,
+            incoming,
+            span: tracing::Span::current(),
+        })
     }
     .instrument(span)
     .await

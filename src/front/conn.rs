@@ -145,7 +145,11 @@ pub async fn serve(
                 Route::Connect => {
                     match prepare_connect(&state, &head, conn.peer).await {
                         Ok(ready) => {
-                            run_tunnel(&state, conn, ready, cancel).await;
+                            // Boxed, like the agent link below: each path's
+                            // state is allocated only by connections that take
+                            // it (one inline future for both cost every
+                            // connection the larger of them, twice over).
+                            Box::pin(run_tunnel(&state, conn, ready, cancel)).await;
                             return;
                         }
                         Err(e) => {
@@ -181,7 +185,7 @@ pub async fn serve(
                     return;
                 }
                 Route::Agent => {
-                    crate::broker::agent_link::serve(state, conn, head, cancel).await;
+                    Box::pin(crate::broker::agent_link::serve(state, conn, head, cancel)).await;
                     return;
                 }
                 Route::Reject(e) => {

@@ -54,7 +54,11 @@ pub struct MuxConfig {
     pub window: u32,
     /// Most concurrent streams; further OPENs are refused as busy.
     pub max_streams: usize,
-    /// How often to send a WebSocket ping.
+    /// Ping after the link has delivered nothing for this long. A busy
+    /// link never pings, and on an idle one only the end with the shorter
+    /// interval does (the other keeps hearing its pings): the agent's is
+    /// shorter by default, so a broker with 10,000 idle agents answers
+    /// pings and runs no keepalive timers of its own.
     pub ping_interval: Duration,
     /// A link that delivers nothing (not even a pong) for this long is dead.
     pub dead_after: Duration,
@@ -73,11 +77,30 @@ impl Default for MuxConfig {
         MuxConfig {
             window: 256 * 1024,
             max_streams: 1024,
-            ping_interval: Duration::from_secs(15),
-            dead_after: Duration::from_secs(45),
+            ping_interval: BROKER_PING_AFTER,
+            dead_after: Duration::from_secs(75),
             open_timeout: Duration::from_secs(15),
             data_queue: 4,
             notsent_lowat: LINK_NOTSENT_LOWAT,
+        }
+    }
+}
+
+/// The broker pings a link silent for this long; with default agents
+/// (which ping after [`AGENT_PING_AFTER`]) it never needs to.
+pub const BROKER_PING_AFTER: Duration = Duration::from_secs(45);
+/// The agent pings a link silent for this long: well inside the NAT and
+/// firewall idle timeouts seen in the field, and the broker's
+/// `dead_after`.
+pub const AGENT_PING_AFTER: Duration = Duration::from_secs(30);
+
+impl MuxConfig {
+    /// The agent's defaults: as [`MuxConfig::default`], but it pings first.
+    #[must_use]
+    pub fn agent_default() -> MuxConfig {
+        MuxConfig {
+            ping_interval: AGENT_PING_AFTER,
+            ..MuxConfig::default()
         }
     }
 }
@@ -167,6 +190,10 @@ struct Shared {
     /// Bytes of DATA payload received and sent on this session.
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
+    /// The reader asks the writer for a ping (the link went quiet).
+    ping_wanted: tokio::sync::Notify,
+    /// Pings this end has sent.
+    pings: AtomicU64,
 }
 
 /// A handle to a session. Cheap to clone; the session lives until
@@ -261,6 +288,8 @@ impl Mux {
             opens: AtomicU64::new(0),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
+            ping_wanted: tokio::sync::Notify::new(),
+            pings: AtomicU64::new(0),
         });
         let mux = Mux { shared };
         let (sink, stream) = ws.split();
@@ -380,6 +409,11 @@ impl Mux {
     /// successful).
     pub fn opens(&self) -> u64 {
         self.shared.opens.load(Ordering::Relaxed)
+    }
+
+    /// Keepalive pings this end has sent.
+    pub fn pings_sent(&self) -> u64 {
+        self.shared.pings.load(Ordering::Relaxed)
     }
 
     /// DATA payload bytes (received, sent) over the session's life.
@@ -629,19 +663,35 @@ async fn reader_loop<St>(mux: Mux, mut stream: St, incoming: mpsc::Sender<Incomi
 where
     St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
-    let dead_after = mux.shared.config.dead_after;
+    let config = &mux.shared.config;
     let cancel = mux.shared.cancel.clone();
+    // Silence is measured from the last message: after `ping_interval` of
+    // it, ask for one ping; after `dead_after`, give up.
+    let mut last = tokio::time::Instant::now();
+    let mut pinged = false;
     loop {
+        let wake = if pinged {
+            last + config.dead_after
+        } else {
+            last + config.ping_interval.min(config.dead_after)
+        };
         let next = tokio::select! {
             _ = cancel.cancelled() => return SessionEnd::Closed,
-            r = tokio::time::timeout(dead_after, stream.next()) => r,
+            r = tokio::time::timeout_at(wake, stream.next()) => r,
         };
         let msg = match next {
-            Err(_) => return SessionEnd::Dead,
+            Err(_) if pinged || last.elapsed() >= config.dead_after => return SessionEnd::Dead,
+            Err(_) => {
+                pinged = true;
+                mux.shared.ping_wanted.notify_one();
+                continue;
+            }
             Ok(None) => return SessionEnd::PeerClosed,
             Ok(Some(Err(e))) => return SessionEnd::Transport(e.to_string()),
             Ok(Some(Ok(m))) => m,
         };
+        last = tokio::time::Instant::now();
+        pinged = false;
         match msg {
             Message::Binary(mut b) => loop {
                 match Frame::decode(&mut b) {
@@ -672,17 +722,18 @@ async fn writer_loop<Si>(
     Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let cancel = mux.shared.cancel.clone();
-    let mut ping = tokio::time::interval(mux.shared.config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut buf = BytesMut::with_capacity(MAX_MESSAGE_BATCH + MAX_PAYLOAD);
+    // Grown on demand: an idle session (most of a broker's) keeps a few
+    // bytes here, a busy one reuses its batch buffer (`split` hands the
+    // bytes to the sink, and they come back once it has written them).
+    let mut buf = BytesMut::new();
     loop {
         let first = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             f = ctl_rx.recv() => f,
             f = data_rx.recv() => f,
-            _ = ping.tick() => {
+            () = mux.shared.ping_wanted.notified() => {
+                mux.shared.pings.fetch_add(1, Ordering::Relaxed);
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                     break;
                 }
@@ -690,6 +741,9 @@ async fn writer_loop<Si>(
             }
         };
         let Some(first) = first else { break };
+        if matches!(first, Frame::Data { .. }) {
+            buf.reserve(MAX_MESSAGE_BATCH + MAX_PAYLOAD);
+        }
         first.encode(&mut buf);
         // Coalesce what is already queued: control first, then data.
         while buf.len() < MAX_MESSAGE_BATCH {

@@ -17,13 +17,71 @@ use super::session::ws_config;
 use super::*;
 
 async fn pair(config: MuxConfig) -> (Mux, Mux, tokio::sync::mpsc::Receiver<Incoming>) {
+    pair_with(config.clone(), config).await
+}
+
+async fn pair_with(
+    broker_config: MuxConfig,
+    agent_config: MuxConfig,
+) -> (Mux, Mux, tokio::sync::mpsc::Receiver<Incoming>) {
     let (a, b) = tokio::io::duplex(256 * 1024);
     let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
     let wb = WebSocketStream::from_raw_socket(b, WsRole::Server, Some(ws_config())).await;
-    let (agent, incoming, _) =
-        Mux::start(wa, Role::Agent, config.clone(), CancellationToken::new());
-    let (broker, _, _) = Mux::start(wb, Role::Broker, config, CancellationToken::new());
+    let (agent, incoming, _) = Mux::start(wa, Role::Agent, agent_config, CancellationToken::new());
+    let (broker, _, _) = Mux::start(wb, Role::Broker, broker_config, CancellationToken::new());
     (broker, agent, incoming)
+}
+
+/// An idle link with default settings: only the agent pings, once per
+/// `AGENT_PING_AFTER`; the broker hears those pings and never pings back;
+/// both stay up. Then a busy link pings nobody.
+#[tokio::test(start_paused = true)]
+async fn idle_link_is_kept_alive_by_the_agent_alone() {
+    let (broker, agent, incoming) =
+        pair_with(MuxConfig::default(), MuxConfig::agent_default()).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert!(!broker.is_closed() && !agent.is_closed());
+    let n = agent.pings_sent();
+    assert!((19..=20).contains(&n), "agent pinged {n} times in 600 s");
+    assert_eq!(broker.pings_sent(), 0, "the broker kept hearing the agent");
+
+    // Traffic counts as life: a stream that talks every 20 s needs no ping.
+    echo_agent(incoming);
+    let stream = broker.open(Target::SelfPort(7)).await.unwrap();
+    let (client, mut far) = tokio::io::duplex(1024);
+    tokio::spawn(relay(
+        stream,
+        client,
+        Bytes::new(),
+        CancellationToken::new(),
+        Arc::default(),
+    ));
+    let before = agent.pings_sent();
+    for _ in 0..10 {
+        far.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        far.read_exact(&mut b).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    assert_eq!(agent.pings_sent(), before, "a busy link does not ping");
+    assert_eq!(broker.pings_sent(), 0);
+}
+
+/// A peer that pings later than our `dead_after` is heard too late: we
+/// ping it ourselves after `ping_interval`, and its pong keeps the link up.
+#[tokio::test(start_paused = true)]
+async fn the_broker_pings_an_agent_that_stays_silent() {
+    let slow_agent = MuxConfig {
+        ping_interval: Duration::from_secs(3600),
+        dead_after: Duration::from_secs(7200),
+        ..MuxConfig::agent_default()
+    };
+    let (broker, agent, _incoming) = pair_with(MuxConfig::default(), slow_agent).await;
+    tokio::time::sleep(Duration::from_secs(450)).await;
+    assert!(!broker.is_closed() && !agent.is_closed());
+    let n = broker.pings_sent();
+    assert!((9..=10).contains(&n), "broker pinged {n} times in 450 s");
+    assert_eq!(agent.pings_sent(), 0);
 }
 
 /// Agent side that accepts every stream and relays it to an in-memory
