@@ -41,8 +41,10 @@ else
   ROUNDS=5; BULK_SECS=3; WARM=0.5; SEQ=300; C64=3000; FAIR_SECS=4; IPERF_SECS=3
   TUNNELS=10000; AGENTS=10000; IDLE_SECS=60
 fi
-# Overrides for partial runs; BENCH_WINDOW sets the per-stream window
-# (window_bytes) of both broker and agent.
+# Overrides for partial runs; BENCH_WINDOW sets the initial per-stream
+# window (window_bytes) of both broker and agent, BENCH_LOWAT their link
+# socket's TCP_NOTSENT_LOWAT (link_notsent_lowat_bytes; 0: kernel default),
+# BENCH_MAX_WINDOW the most a window grows to (max_window_bytes).
 ROUNDS=${BENCH_ROUNDS:-$ROUNDS}; TUNNELS=${BENCH_TUNNELS:-$TUNNELS}
 AGENTS=${BENCH_AGENTS:-$AGENTS}; IDLE_SECS=${BENCH_IDLE_SECS:-$IDLE_SECS}
 
@@ -163,6 +165,8 @@ drain_timeout_ms = 2000
 auth_cache_ttl_secs = 3600
 EOF
   [ -n "${BENCH_WINDOW:-}" ] && echo "window_bytes = $BENCH_WINDOW" >> "$WORK/broker.toml"
+  [ -n "${BENCH_LOWAT:-}" ] && echo "link_notsent_lowat_bytes = $BENCH_LOWAT" >> "$WORK/broker.toml"
+  [ -n "${BENCH_MAX_WINDOW:-}" ] && echo "max_window_bytes = $BENCH_MAX_WINDOW" >> "$WORK/broker.toml"
   return 0
 }
 
@@ -206,6 +210,8 @@ services = [$P_ECHO, $P_SINK, $P_SOURCE, $P_IPERF]
 max_streams = 16384
 EOF
   [ -n "${BENCH_WINDOW:-}" ] && echo "window_bytes = $BENCH_WINDOW" >> "$WORK/agent.toml"
+  [ -n "${BENCH_LOWAT:-}" ] && echo "link_notsent_lowat_bytes = $BENCH_LOWAT" >> "$WORK/agent.toml"
+  [ -n "${BENCH_MAX_WINDOW:-}" ] && echo "max_window_bytes = $BENCH_MAX_WINDOW" >> "$WORK/agent.toml"
   start_agent
   # socat: two chained relays per target.
   local pair

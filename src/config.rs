@@ -15,6 +15,7 @@
 //! max_concurrent_hashes = 2
 //! auth_cache_ttl_secs = 60
 //! window_bytes = 262144
+//! max_window_bytes = 262144    # raise for long WAN links (up to 64 MiB)
 //! max_streams_per_agent = 1024
 //! ```
 
@@ -84,6 +85,7 @@ pub struct LimitsFile {
     pub cert_reload_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     pub window_bytes: Option<u32>,
+    pub max_window_bytes: Option<u32>,
     pub max_streams_per_agent: Option<usize>,
     pub ping_interval_ms: Option<u64>,
     pub dead_after_ms: Option<u64>,
@@ -288,6 +290,10 @@ impl BrokerFile {
             },
             mux: MuxConfig {
                 window: l.window_bytes.unwrap_or(dm.window),
+                // Unset: no growth beyond the initial window.
+                max_window: l
+                    .max_window_bytes
+                    .unwrap_or_else(|| l.window_bytes.unwrap_or(dm.window).max(dm.max_window)),
                 max_streams: l.max_streams_per_agent.unwrap_or(dm.max_streams),
                 ping_interval: ms(l.ping_interval_ms, dm.ping_interval),
                 dead_after: ms(l.dead_after_ms, dm.dead_after),
@@ -337,6 +343,12 @@ impl BrokerSettings {
         }
         if self.mux.window < 16 * 1024 {
             return Err(inv("window_bytes", "must be at least 16384"));
+        }
+        if self.mux.max_window < self.mux.window || self.mux.max_window > 64 * 1024 * 1024 {
+            return Err(inv(
+                "max_window_bytes",
+                "must be at least window_bytes and at most 67108864",
+            ));
         }
         if self.mux.max_streams == 0 {
             return Err(inv("max_streams_per_agent", "must be at least 1"));

@@ -461,6 +461,7 @@ async fn start_and_serve(
         tunnels: Vec::new(),
         dial_timeout_ms: Some(5_000),
         window_bytes: None,
+        max_window_bytes: None,
         max_streams: None,
         ping_interval_ms: None,
         dead_after_ms: None,

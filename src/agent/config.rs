@@ -14,7 +14,8 @@
 //! port = 3389
 //! ```
 //!
-//! Optional tunables: `dial_timeout_ms`, `window_bytes`, `max_streams`,
+//! Optional tunables: `dial_timeout_ms`, `window_bytes`,
+//! `max_window_bytes`, `max_streams`,
 //! `ping_interval_ms`, `dead_after_ms`, `reconnect_min_ms`,
 //! `reconnect_max_ms`, `link_notsent_lowat_bytes` (0: kernel default).
 
@@ -47,6 +48,7 @@ pub struct AgentFile {
     pub tunnels: Vec<Tunnel>,
     pub dial_timeout_ms: Option<u64>,
     pub window_bytes: Option<u32>,
+    pub max_window_bytes: Option<u32>,
     pub max_streams: Option<usize>,
     pub ping_interval_ms: Option<u64>,
     pub dead_after_ms: Option<u64>,
@@ -202,6 +204,10 @@ impl AgentSettings {
         let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
         let mux = MuxConfig {
             window: f.window_bytes.unwrap_or(dm.window),
+            // Unset: no growth beyond the initial window.
+            max_window: f
+                .max_window_bytes
+                .unwrap_or_else(|| f.window_bytes.unwrap_or(dm.window).max(dm.max_window)),
             max_streams: f.max_streams.unwrap_or(dm.max_streams),
             ping_interval: ms(f.ping_interval_ms, dm.ping_interval),
             dead_after: ms(f.dead_after_ms, dm.dead_after),
@@ -209,10 +215,15 @@ impl AgentSettings {
             data_queue: dm.data_queue,
             notsent_lowat: f.link_notsent_lowat_bytes.unwrap_or(dm.notsent_lowat),
         };
-        if mux.window < 16 * 1024 || mux.max_streams == 0 || mux.dead_after <= mux.ping_interval {
+        if mux.window < 16 * 1024
+            || mux.max_window < mux.window
+            || mux.max_window > 64 * 1024 * 1024
+            || mux.max_streams == 0
+            || mux.dead_after <= mux.ping_interval
+        {
             return Err(ConfigError::Invalid {
-                field: "window_bytes/max_streams/dead_after_ms",
-                message: "window >= 16384, max_streams >= 1, dead_after > ping_interval".into(),
+                field: "window_bytes/max_window_bytes/max_streams/dead_after_ms",
+                message: "window >= 16384, window <= max_window <= 64 MiB, max_streams >= 1, dead_after > ping_interval".into(),
             });
         }
         let reconnect_min = ms(f.reconnect_min_ms, Duration::from_secs(1));

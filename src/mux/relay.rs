@@ -183,8 +183,7 @@ where
         let mux = mux.clone();
         let stats = stats.clone();
         async move {
-            let window = mux.window();
-            let threshold = (window / 4).max(1);
+            let mut tuner = WindowTuner::new(mux.window(), mux.max_window());
             let mut unacked: u32 = 0;
             loop {
                 match inbound.recv().await {
@@ -200,8 +199,9 @@ where
                         let n = b.len() as u32;
                         stats.received.fetch_add(u64::from(n), Ordering::Relaxed);
                         unacked += n;
-                        if unacked >= threshold {
-                            mux.grant(id, unacked);
+                        if unacked >= tuner.threshold() {
+                            let extra = tuner.consumed(unacked, std::time::Instant::now());
+                            mux.grant(id, unacked + extra);
                             unacked = 0;
                         }
                     }
@@ -242,9 +242,95 @@ where
     end
 }
 
+/// Receive-window auto-tuning for one stream (the receiving side).
+///
+/// Credit goes back in quarters of the window as the local writer drains
+/// bytes. When a whole window drains within [`WINDOW_GROW_WITHIN`], the
+/// window doubles (up to `max`): the next grant carries the extra credit.
+/// A reader that keeps up thus gets a window near the link's
+/// bandwidth-delay product, and one that does not stays at the initial
+/// window, which bounds what the session buffers for it.
+#[derive(Debug, Clone)]
+pub(crate) struct WindowTuner {
+    window: u32,
+    max: u32,
+    epoch_start: Option<std::time::Instant>,
+    epoch_bytes: u64,
+}
+
+impl WindowTuner {
+    pub(crate) fn new(window: u32, max: u32) -> WindowTuner {
+        WindowTuner {
+            window,
+            max: max.max(window),
+            epoch_start: None,
+            epoch_bytes: 0,
+        }
+    }
+
+    /// Return credit once this many bytes are drained.
+    pub(crate) fn threshold(&self) -> u32 {
+        (self.window / 4).max(1)
+    }
+
+    /// The current window.
+    #[cfg(test)]
+    pub(crate) fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// `n` bytes were drained at `now`; returns extra credit to grant with
+    /// them (the growth of the window), usually 0.
+    pub(crate) fn consumed(&mut self, n: u32, now: std::time::Instant) -> u32 {
+        let start = *self.epoch_start.get_or_insert(now);
+        self.epoch_bytes += u64::from(n);
+        if self.epoch_bytes < u64::from(self.window) {
+            return 0;
+        }
+        let fast = now.duration_since(start) < super::session::WINDOW_GROW_WITHIN;
+        self.epoch_start = Some(now);
+        self.epoch_bytes = 0;
+        if !fast || self.window >= self.max {
+            return 0;
+        }
+        let grown = self.window.saturating_mul(2).min(self.max);
+        let extra = grown - self.window;
+        self.window = grown;
+        extra
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_grows_for_a_fast_reader_only() {
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut fast = WindowTuner::new(256 * 1024, 1024 * 1024);
+        let q = fast.threshold();
+        assert_eq!(q, 64 * 1024);
+        // Three quarters: no decision yet.
+        for i in 0..3 {
+            assert_eq!(fast.consumed(q, ms(i)), 0);
+        }
+        // The fourth completes a window in 3 ms: double it.
+        assert_eq!(fast.consumed(q, ms(3)), 256 * 1024);
+        assert_eq!(fast.window(), 512 * 1024);
+        let mut granted = 0;
+        for i in 0..64 {
+            granted += fast.consumed(fast.threshold(), ms(4 + i));
+        }
+        assert_eq!(fast.window(), 1024 * 1024, "capped at max");
+        assert_eq!(granted, 512 * 1024, "extra credit is exactly the growth");
+
+        let mut slow = WindowTuner::new(256 * 1024, 1024 * 1024);
+        for i in 0..64 {
+            assert_eq!(slow.consumed(slow.threshold(), ms(40 * i)), 0);
+        }
+        assert_eq!(slow.window(), 256 * 1024, "a window per 160 ms never grows");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_and_lifetime() {

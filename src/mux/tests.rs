@@ -158,6 +158,44 @@ async fn echo_with_half_close() {
     .expect("test timed out");
 }
 
+/// Windows that grow: the extra credit is accepted by the sender (no
+/// overflow reset), and a fast echo of 8 MiB arrives intact.
+#[tokio::test]
+async fn growing_windows_carry_a_bulk_echo_intact() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let config = MuxConfig {
+            window: 64 * 1024,
+            max_window: 2 * 1024 * 1024,
+            ..MuxConfig::default()
+        };
+        let (broker, _agent, incoming) = pair(config).await;
+        echo_agent(incoming);
+        let stream = broker.open(Target::SelfPort(22)).await.expect("opens");
+        let (client, far) = tokio::io::duplex(256 * 1024);
+        let r = tokio::spawn(relay(
+            stream,
+            client,
+            Bytes::new(),
+            CancellationToken::new(),
+            Arc::default(),
+        ));
+        let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut rd, mut wr) = tokio::io::split(far);
+        let p2 = payload.clone();
+        let w = tokio::spawn(async move {
+            wr.write_all(&p2).await.unwrap();
+            wr.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        w.await.unwrap();
+        assert!(got == payload, "echo differs");
+        assert_eq!(r.await.unwrap(), RelayEnd::Closed);
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn slow_reader_is_bounded_by_the_window() {
     tokio::time::timeout(Duration::from_secs(20), async {
