@@ -84,6 +84,20 @@ async fn the_broker_pings_an_agent_that_stays_silent() {
     assert_eq!(agent.pings_sent(), 0);
 }
 
+/// Write `payload` into `far` and half-close it while reading `far` to its
+/// end; returns what was read.
+async fn write_and_read_back(far: tokio::io::DuplexStream, payload: Vec<u8>) -> Vec<u8> {
+    let (mut rd, mut wr) = tokio::io::split(far);
+    let w = tokio::spawn(async move {
+        wr.write_all(&payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    rd.read_to_end(&mut got).await.unwrap();
+    w.await.unwrap();
+    got
+}
+
 /// Agent side that accepts every stream and relays it to an in-memory
 /// echo (which half-closes after echoing everything).
 fn echo_agent(mut incoming: tokio::sync::mpsc::Receiver<Incoming>) {
@@ -132,18 +146,7 @@ async fn echo_with_half_close() {
             stats.clone(),
         ));
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let writer = {
-            let payload = payload.clone();
-            let (mut rd, mut wr) = tokio::io::split(far);
-            let w = tokio::spawn(async move {
-                wr.write_all(&payload).await.unwrap();
-                wr.shutdown().await.unwrap();
-            });
-            let mut got = Vec::new();
-            rd.read_to_end(&mut got).await.unwrap();
-            w.await.unwrap();
-            got
-        };
+        let writer = write_and_read_back(far, payload.clone()).await;
         let mut want = b"early:".to_vec();
         want.extend_from_slice(&payload);
         assert_eq!(writer.len(), want.len());
@@ -180,15 +183,7 @@ async fn growing_windows_carry_a_bulk_echo_intact() {
             Arc::default(),
         ));
         let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
-        let (mut rd, mut wr) = tokio::io::split(far);
-        let p2 = payload.clone();
-        let w = tokio::spawn(async move {
-            wr.write_all(&p2).await.unwrap();
-            wr.shutdown().await.unwrap();
-        });
-        let mut got = Vec::new();
-        rd.read_to_end(&mut got).await.unwrap();
-        w.await.unwrap();
+        let got = write_and_read_back(far, payload.clone()).await;
         assert!(got == payload, "echo differs");
         assert_eq!(r.await.unwrap(), RelayEnd::Closed);
     })
