@@ -247,3 +247,59 @@ impl Drop for TunnelGuard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel(id: u64, account_id: i64) -> TunnelInfo {
+        TunnelInfo {
+            id,
+            account_id,
+            account: format!("a{account_id}"),
+            customer: "1234".into(),
+            system_id: 1,
+            target: Target::SelfPort(22),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            started: SystemTime::now(),
+            stats: Arc::default(),
+            cancel: CancellationToken::new(),
+            end_reason: OnceLock::new(),
+        }
+    }
+
+    #[test]
+    fn per_account_counts_follow_registration() {
+        let reg = Arc::new(Registry::default());
+        let a = reg.add_tunnel(tunnel(1, 7));
+        let b = reg.add_tunnel(tunnel(2, 7));
+        let c = reg.add_tunnel(tunnel(3, 8));
+        assert_eq!(reg.tunnel_counts(7), (3, 2));
+        assert_eq!(reg.tunnel_counts(8), (3, 1));
+        assert_eq!(reg.tunnel_counts(9), (3, 0));
+        drop(a);
+        drop(c);
+        assert_eq!(reg.tunnel_counts(7), (1, 1));
+        assert_eq!(reg.tunnel_counts(8), (1, 0));
+        drop(b);
+        assert_eq!(reg.tunnel_counts(7), (0, 0));
+    }
+
+    /// The race the epoch closes: a CONNECT reads the epoch, then the
+    /// store; a revalidation scans before the tunnel is registered. The
+    /// registration then sees a different epoch, so the tunnel rechecks
+    /// itself. Without a revalidation in between, it sees the same one.
+    #[test]
+    fn a_revalidation_between_read_and_registration_moves_the_epoch() {
+        let reg = Arc::new(Registry::default());
+        let before = reg.revalidation_epoch();
+        let quiet = reg.add_tunnel(tunnel(1, 7));
+        assert_eq!(quiet.epoch, before, "no revalidation: no recheck");
+
+        let read = reg.revalidation_epoch();
+        let scanned = reg.tunnels_for_revalidation();
+        assert_eq!(scanned.len(), 1, "the scan saw the registered tunnel");
+        let raced = reg.add_tunnel(tunnel(2, 7));
+        assert_ne!(raced.epoch, read, "the scan missed it: recheck");
+    }
+}
