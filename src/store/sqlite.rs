@@ -265,9 +265,12 @@ pub struct SqliteStore {
     /// Read-only connections for the per-CONNECT lookups, so tunnel setup
     /// does not queue behind writes (WAL readers never wait for the
     /// writer). Opened on first use: the CLI never needs them.
-    readers: Arc<OnceLock<Result<Readers, String>>>,
-    /// The group-commit audit writer, started on first use.
-    writer: Arc<OnceLock<Result<writer::AuditWriter, String>>>,
+    /// A failure to open them is returned, not kept: the next call tries
+    /// again.
+    readers: Arc<OnceLock<Readers>>,
+    /// The group-commit audit writer, started on first use (likewise
+    /// retried if the thread could not be started).
+    writer: Arc<OnceLock<writer::AuditWriter>>,
     /// Where the file is, for `Debug` and error messages.
     path: Arc<PathBuf>,
 }
@@ -373,11 +376,17 @@ impl SqliteStore {
 
     /// A read-only connection, opened on first use.
     fn reader(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        let readers = self
-            .readers
-            .get_or_init(|| open_readers(&self.path).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| StoreError::Backend(e.clone()))?;
+        let readers = match self.readers.get() {
+            Some(r) => r,
+            None => {
+                let opened = open_readers(&self.path)?;
+                // A racing caller may have won; either set is fine.
+                let _ = self.readers.set(opened);
+                self.readers
+                    .get()
+                    .ok_or_else(|| StoreError::Backend("read connections unavailable".to_owned()))?
+            }
+        };
         let start = readers.next.fetch_add(1, Ordering::Relaxed);
         let n = readers.conns.len();
         for i in 0..n {
@@ -392,13 +401,17 @@ impl SqliteStore {
 
     /// The audit writer, started on first use.
     fn audit_writer(&self) -> Result<&writer::AuditWriter, StoreError> {
+        if let Some(w) = self.writer.get() {
+            return Ok(w);
+        }
+        // Two racing first callers may both start a thread; the loser's
+        // handle is dropped at once, which ends its idle thread.
+        let started = writer::AuditWriter::start(self.conn.clone())
+            .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
+        let _ = self.writer.set(started);
         self.writer
-            .get_or_init(|| {
-                writer::AuditWriter::start(self.conn.clone())
-                    .map_err(|e| format!("cannot start the audit writer: {e}"))
-            })
-            .as_ref()
-            .map_err(|e| StoreError::Backend(e.clone()))
+            .get()
+            .ok_or_else(|| StoreError::Backend("audit writer unavailable".to_owned()))
     }
 
     /// Applies an audit write in the writer's next group commit.
