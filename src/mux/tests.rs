@@ -48,14 +48,7 @@ async fn idle_link_is_kept_alive_by_the_agent_alone() {
     // Traffic counts as life: a stream that talks every 20 s needs no ping.
     echo_agent(incoming);
     let stream = broker.open(Target::SelfPort(7)).await.unwrap();
-    let (client, mut far) = tokio::io::duplex(1024);
-    tokio::spawn(relay(
-        stream,
-        client,
-        Bytes::new(),
-        CancellationToken::new(),
-        Arc::default(),
-    ));
+    let (_relay, mut far) = relay_to_duplex(stream, 1024);
     let before = agent.pings_sent();
     for _ in 0..10 {
         far.write_all(b"x").await.unwrap();
@@ -82,6 +75,23 @@ async fn the_broker_pings_an_agent_that_stays_silent() {
     let n = broker.pings_sent();
     assert!((9..=10).contains(&n), "broker pinged {n} times in 450 s");
     assert_eq!(agent.pings_sent(), 0);
+}
+
+/// Relay `stream` to an in-memory socket of `capacity` bytes; returns the
+/// relay task and the socket's far end.
+fn relay_to_duplex(
+    stream: MuxStream,
+    capacity: usize,
+) -> (tokio::task::JoinHandle<RelayEnd>, tokio::io::DuplexStream) {
+    let (client, far) = tokio::io::duplex(capacity);
+    let r = tokio::spawn(relay(
+        stream,
+        client,
+        Bytes::new(),
+        CancellationToken::new(),
+        Arc::default(),
+    ));
+    (r, far)
 }
 
 /// Write `payload` into `far` and half-close it while reading `far` to its
@@ -174,14 +184,7 @@ async fn growing_windows_carry_a_bulk_echo_intact() {
         let (broker, _agent, incoming) = pair(config).await;
         echo_agent(incoming);
         let stream = broker.open(Target::SelfPort(22)).await.expect("opens");
-        let (client, far) = tokio::io::duplex(256 * 1024);
-        let r = tokio::spawn(relay(
-            stream,
-            client,
-            Bytes::new(),
-            CancellationToken::new(),
-            Arc::default(),
-        ));
+        let (r, far) = relay_to_duplex(stream, 256 * 1024);
         let payload: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
         let got = write_and_read_back(far, payload.clone()).await;
         assert!(got == payload, "echo differs");
@@ -282,14 +285,7 @@ async fn closing_the_agent_ends_broker_streams() {
         let (broker, agent, incoming) = pair(MuxConfig::default()).await;
         echo_agent(incoming);
         let stream = broker.open(Target::SelfPort(22)).await.unwrap();
-        let (client, _far) = tokio::io::duplex(1024);
-        let r = tokio::spawn(relay(
-            stream,
-            client,
-            Bytes::new(),
-            CancellationToken::new(),
-            Arc::default(),
-        ));
+        let (r, _far) = relay_to_duplex(stream, 1024);
         agent.close();
         assert_eq!(r.await.unwrap(), RelayEnd::SessionLost);
         assert!(matches!(
