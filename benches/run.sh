@@ -47,10 +47,14 @@ fi
 # BENCH_MAX_WINDOW the most a window grows to (max_window_bytes).
 ROUNDS=${BENCH_ROUNDS:-$ROUNDS}; TUNNELS=${BENCH_TUNNELS:-$TUNNELS}
 AGENTS=${BENCH_AGENTS:-$AGENTS}; IDLE_SECS=${BENCH_IDLE_SECS:-$IDLE_SECS}
+SEQ=${BENCH_SEQ:-$SEQ}; C64=${BENCH_C64:-$C64}
 
 # MAINTGATE_BIN: another maintgate binary to measure (a before/after
 # comparison); the default is this tree's release build.
 MG=${MAINTGATE_BIN:-$ROOT/target/release/maintgate}
+# BENCH_THREADS: tokio worker threads of the broker and the agent (their
+# TOKIO_WORKER_THREADS; default: one per core).
+MG_ENV="MAINTGATE_BENCH=1${BENCH_THREADS:+ TOKIO_WORKER_THREADS=$BENCH_THREADS}"
 LG=$ROOT/target/release/examples/loadgen
 PEERS=$ROOT/benches/peers/bin
 DOMAIN=maint.bench
@@ -173,13 +177,13 @@ EOF
 BROKER_RUNS=0
 start_broker() {
   BROKER_RUNS=$((BROKER_RUNS + 1))
-  spawn "broker-$BROKER_RUNS" "$MG" --config "$WORK/broker.toml" serve
+  spawn "broker-$BROKER_RUNS" env $MG_ENV "$MG" --config "$WORK/broker.toml" serve
   BROKER_PID=$LAST
   wait_log "broker-$BROKER_RUNS" 'listening on'
 }
 
 start_agent() {
-  spawn "agent-$BROKER_RUNS" "$MG" agent --config "$WORK/agent.toml"
+  spawn "agent-$BROKER_RUNS" env $MG_ENV "$MG" agent --config "$WORK/agent.toml"
   AGENT_PID=$LAST
   "$LG" metric --admin "127.0.0.1:$P_ADMIN" --at-least 1 --timeout 20 > /dev/null
 }
@@ -482,7 +486,7 @@ sc_agents() {
   kill -TERM "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true
   t1=$(date +%s.%N)
   BROKER_RUNS=$((BROKER_RUNS + 1))
-  spawn "broker-$BROKER_RUNS" "$MG" --config "$WORK/broker.toml" serve
+  spawn "broker-$BROKER_RUNS" env $MG_ENV "$MG" --config "$WORK/broker.toml" serve
   BROKER_PID=$LAST
   "$LG" metric --admin "127.0.0.1:$P_ADMIN" --at-least $((AGENTS + base)) --timeout 60 \
     --tag scenario=agents --tag step=storm --tag agents="$AGENTS" \

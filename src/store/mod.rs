@@ -477,7 +477,8 @@ impl Store {
         }
     }
 
-    /// Everything a CONNECT reads, in one trip to the blocking pool. See
+    /// Everything a CONNECT reads, in one go: right here on a free read
+    /// connection, else on the blocking pool. See
     /// [`sqlite::SqliteStore::connect_lookup`].
     ///
     /// # Errors
@@ -488,13 +489,18 @@ impl Store {
         customer: &str,
         system: Option<&str>,
     ) -> Result<ConnectLookup, StoreError> {
-        let (u, c, n) = (
-            user.to_owned(),
-            customer.to_owned(),
-            system.map(str::to_owned),
-        );
         match self {
-            Store::Sqlite(s) => blocking(s, move |s| s.connect_lookup(&u, &c, n.as_deref())).await,
+            Store::Sqlite(s) => {
+                if let Some(found) = s.try_connect_lookup_now(user, customer, system) {
+                    return found;
+                }
+                let (u, c, n) = (
+                    user.to_owned(),
+                    customer.to_owned(),
+                    system.map(str::to_owned),
+                );
+                blocking(s, move |s| s.connect_lookup(&u, &c, n.as_deref())).await
+            }
         }
     }
 
