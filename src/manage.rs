@@ -12,7 +12,8 @@
 //! * `account add` without `--password-stdin` prints the generated password
 //!   as the last line, `password: <pw>`.
 //! * `system add` and `system rotate-token` print the agent token alone on
-//!   the last line of stdout, after a line saying it is shown once.
+//!   the last line of stdout, after a line saying it is shown once;
+//!   `system revoke-token` prints no token.
 //!
 //! Nothing here logs a password or a token; they go only to `out`.
 
@@ -118,6 +119,16 @@ pub enum SystemCmd {
     },
     /// Issue a new agent token for a system; the old token stops working.
     RotateToken {
+        /// Customer id.
+        #[arg(value_name = "CUSTOMER-ID")]
+        customer_id: String,
+        /// System name.
+        #[arg(value_name = "SYSTEM-NAME")]
+        system_name: String,
+    },
+    /// Revoke a system's agent token without issuing a new one: its agent
+    /// is disconnected and no token works until `rotate-token`.
+    RevokeToken {
         /// Customer id.
         #[arg(value_name = "CUSTOMER-ID")]
         customer_id: String,
@@ -352,6 +363,17 @@ pub fn run_system(
                 sys.name, sys.customer_id
             )?;
             print_token(out, &token)?;
+        }
+        SystemCmd::RevokeToken {
+            customer_id,
+            system_name,
+        } => {
+            let sys = store.revoke_token(customer_id, system_name)?;
+            writeln!(
+                out,
+                "token of system '{}' of customer '{}' revoked; its agent is disconnected until `system rotate-token`",
+                sys.name, sys.customer_id
+            )?;
         }
         SystemCmd::List { customer_id } => {
             let systems = store.list_systems(customer_id)?;
@@ -765,6 +787,44 @@ mod tests {
         assert_eq!(err.to_string(), "no such system 'nope' of customer '1234'");
         let err = run(&store, &["system", "add", "1234", "a.b"], "").unwrap_err();
         assert!(err.to_string().starts_with("invalid system name"), "{err}");
+    }
+
+    #[test]
+    fn revoke_token_leaves_no_working_token() {
+        let (_dir, store) = temp_store();
+        fake_account(&store, "acme");
+        run(
+            &store,
+            &["customer", "add", "1234", "--account", "acme"],
+            "",
+        )
+        .unwrap();
+        let token = run(&store, &["system", "add", "1234", "ipo"], "").unwrap();
+        let token = last_line(&token).to_owned();
+        let sys = store
+            .system_by_token_hash(&token_hash(&token))
+            .unwrap()
+            .unwrap();
+        let out = run(&store, &["system", "revoke-token", "1234", "IPO"], "").unwrap();
+        assert!(out.contains("revoked"), "{out}");
+        assert!(!out.contains("mgt_"), "no token is printed: {out}");
+        assert_eq!(
+            store.system_by_token_hash(&token_hash(&token)).unwrap(),
+            None
+        );
+        assert!(!store
+            .system_token_hash_is_current(sys.id, &token_hash(&token))
+            .unwrap());
+        // Revoking twice is fine; an unknown system is a clear error.
+        run(&store, &["system", "revoke-token", "1234", "ipo"], "").unwrap();
+        let err = run(&store, &["system", "revoke-token", "1234", "nope"], "").unwrap_err();
+        assert_eq!(err.to_string(), "no such system 'nope' of customer '1234'");
+        // A rotation issues a working token again.
+        let fresh = run(&store, &["system", "rotate-token", "1234", "ipo"], "").unwrap();
+        assert!(store
+            .system_by_token_hash(&token_hash(last_line(&fresh)))
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -287,6 +287,32 @@ async fn rotating_a_token_with_the_cli_closes_the_agent_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_token_with_the_cli_closes_the_session_and_keeps_the_agent_out() {
+    tokio::time::timeout(T, async {
+        let echo = EchoServer::start();
+        let stack = Stack::start().await;
+        let token = stack.add_system("1234", "ipo1", true).await;
+        let settings = Arc::new(stack.agent_settings(&token, stack::services(&[echo.port()])));
+        let link = tokio::spawn(maintgate::agent::connect_and_serve(
+            settings.clone(),
+            CancellationToken::new(),
+        ));
+        stack.wait_agent("1234", "ipo1").await;
+        let out = cli(&stack, &["system", "revoke-token", "1234", "ipo1"]);
+        assert!(out.contains("revoked") && !out.contains("mgt_"), "{out}");
+        tokio::time::timeout(Duration::from_secs(5), link)
+            .await
+            .expect("session closed within 5 s")
+            .unwrap()
+            .unwrap();
+        let again = maintgate::agent::connect_and_serve(settings, CancellationToken::new()).await;
+        assert!(again.is_err(), "{again:?}");
+    })
+    .await
+    .expect("timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_target_is_502() {
     tokio::time::timeout(T, async {
         // Bind and drop: nothing listens on this port any more.
