@@ -8,6 +8,7 @@
 //! data_dir = "data"
 //! certs_dir = "certs"
 //! public_port = 6443          # the port the PAC and connect-info name
+//! audit_retention_days = 0    # delete closed audit records older than this; 0 keeps all
 //! [limits]
 //! handshake_timeout_ms = 10000
 //! head_timeout_ms = 10000
@@ -56,6 +57,7 @@ pub struct BrokerFile {
     pub data_dir: Option<PathBuf>,
     pub certs_dir: Option<PathBuf>,
     pub public_port: Option<u16>,
+    pub audit_retention_days: Option<u32>,
     #[serde(default)]
     pub limits: LimitsFile,
 }
@@ -164,6 +166,9 @@ pub struct BrokerSettings {
     /// The port clients use, for the PAC and connect-info; `None` means
     /// the listening port.
     pub public_port: Option<u16>,
+    /// Closed audit records older than this are deleted (checked hourly);
+    /// `None` keeps them all.
+    pub audit_retention: Option<Duration>,
     /// Deadlines and caps.
     pub limits: Limits,
     /// Agent-link tunables.
@@ -179,6 +184,7 @@ impl Default for BrokerSettings {
             data_dir: PathBuf::from("data"),
             certs_dir: PathBuf::from("certs"),
             public_port: None,
+            audit_retention: None,
             limits: Limits::default(),
             mux: MuxConfig::default(),
         }
@@ -226,6 +232,10 @@ pub fn normalize_domain(domain: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// Longest audit retention accepted, in days (100 years): anything larger
+/// is a typo, and 0 already means "keep everything".
+pub const MAX_AUDIT_RETENTION_DAYS: u32 = 36_500;
+
 fn secs(v: Option<u64>, default: Duration) -> Duration {
     v.map(Duration::from_secs).unwrap_or(default)
 }
@@ -251,6 +261,18 @@ impl BrokerFile {
             data_dir: self.data_dir.unwrap_or(d.data_dir),
             certs_dir: self.certs_dir.unwrap_or(d.certs_dir),
             public_port: self.public_port,
+            audit_retention: match self.audit_retention_days {
+                None | Some(0) => None,
+                Some(days) if days > MAX_AUDIT_RETENTION_DAYS => {
+                    return Err(ConfigError::Invalid {
+                        field: "audit_retention_days",
+                        message: format!(
+                            "{days} is more than {MAX_AUDIT_RETENTION_DAYS}; use 0 to keep everything"
+                        ),
+                    })
+                }
+                Some(days) => Some(Duration::from_secs(u64::from(days) * 86_400)),
+            },
             limits: Limits {
                 handshake_timeout: ms(l.handshake_timeout_ms, dl.handshake_timeout),
                 head_timeout: ms(l.head_timeout_ms, dl.head_timeout),
@@ -398,5 +420,22 @@ mod tests {
         }
         let f: BrokerFile = toml::from_str("[limits]\nmax_connections = 0").unwrap();
         assert!(f.into_settings().is_err());
+    }
+
+    #[test]
+    fn audit_retention_in_days_zero_keeps_all() {
+        let days = |text: &str| toml::from_str::<BrokerFile>(text).unwrap().into_settings();
+        assert_eq!(days("").unwrap().audit_retention, None);
+        assert_eq!(
+            days("audit_retention_days = 0").unwrap().audit_retention,
+            None
+        );
+        assert_eq!(
+            days("audit_retention_days = 90").unwrap().audit_retention,
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        let e = days("audit_retention_days = 100000").unwrap_err();
+        assert!(e.to_string().contains("audit_retention_days"), "{e}");
+        assert!(toml::from_str::<BrokerFile>("audit_retention_days = -1").is_err());
     }
 }

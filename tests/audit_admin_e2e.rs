@@ -1520,3 +1520,81 @@ async fn log_injection_gives_one_escaped_line_in_json_and_human_formats() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_closed_records_past_it_and_says_so() {
+    use maintgate::store::audit::{AuditEnd, AuditFilter, AuditKind, NewAudit};
+    tokio::time::timeout(T, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = stack::test_settings(dir.path());
+        settings.audit_retention = Some(Duration::from_secs(30 * 86_400));
+        let day_ms = 86_400_000;
+        let now = maintgate::timefmt::now_ms();
+        let tunnel = |started_ms| NewAudit {
+            kind: Some(AuditKind::Tunnel),
+            account: Some(USER.into()),
+            customer: Some("1234".into()),
+            started_ms,
+            ..NewAudit::default()
+        };
+        let closed = |ended_ms| AuditEnd {
+            ended_ms,
+            status: Some(200),
+            bytes: Some((1, 1)),
+            reason: "closed".into(),
+        };
+        // Before the broker starts: a record from 400 days ago, one from
+        // 400 days ago still open (a crash; closed as interrupted at start,
+        // so it ended today), and one from yesterday.
+        let (old, crashed, recent) = {
+            std::fs::create_dir_all(&settings.data_dir).unwrap();
+            let store = SqliteStore::open(&maintgate::store::db_path(&settings.data_dir)).unwrap();
+            let old = store.audit_insert(&tunnel(now - 400 * day_ms)).unwrap();
+            store
+                .audit_finish(old, &closed(now - 400 * day_ms + 5))
+                .unwrap();
+            let crashed = store.audit_insert(&tunnel(now - 400 * day_ms)).unwrap();
+            let recent = store.audit_insert(&tunnel(now - day_ms)).unwrap();
+            store
+                .audit_finish(recent, &closed(now - day_ms + 5))
+                .unwrap();
+            (old, crashed, recent)
+        };
+        let stack = Stack::start_with(dir, settings).await;
+        let all = AuditFilter::default();
+        let note = poll_until_async("the retention record", T, || async {
+            let records = stack.state.store().audit_query(all.clone()).await.unwrap();
+            records.into_iter().find(|r| {
+                r.kind == AuditKind::Admin.as_str()
+                    && r.detail
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with("audit.retention"))
+            })
+        })
+        .await;
+        assert!(
+            note.detail
+                .as_deref()
+                .unwrap()
+                .contains("deleted 1 records"),
+            "{note:?}"
+        );
+        let ids: Vec<i64> = stack
+            .state
+            .store()
+            .audit_query(all.clone())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.kind == AuditKind::Tunnel.as_str())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [crashed, recent],
+            "only the old closed record went (old was {old})"
+        );
+    })
+    .await
+    .expect("timed out");
+}

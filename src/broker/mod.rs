@@ -268,6 +268,9 @@ impl Broker {
             tracker.clone(),
         ));
         tracker.spawn(prune_auth(state.clone(), cancel.clone()));
+        if let Some(keep) = state.settings.audit_retention {
+            tracker.spawn(audit_retention(state.clone(), keep, cancel.clone()));
+        }
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -382,6 +385,55 @@ async fn prune_auth(state: Arc<BrokerState>, cancel: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(60)) => state.auth.prune(),
         }
     }
+}
+
+/// How often closed audit records past the retention are deleted.
+const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Records deleted per transaction: short enough that tunnel setups
+/// waiting on the audit writer hardly notice.
+const AUDIT_PRUNE_CHUNK: usize = 5000;
+
+/// Delete closed audit records older than `keep`: at start, then hourly.
+/// Each run that deletes something leaves an `admin` record saying so.
+async fn audit_retention(state: Arc<BrokerState>, keep: Duration, cancel: CancellationToken) {
+    loop {
+        prune_audit_once(&state, keep).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(AUDIT_PRUNE_EVERY) => {}
+        }
+    }
+}
+
+/// One retention pass; returns how many records went.
+pub(crate) async fn prune_audit_once(state: &BrokerState, keep: Duration) -> usize {
+    let now = crate::timefmt::now_ms();
+    let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let deleted = match state.store.audit_prune(before, AUDIT_PRUNE_CHUNK).await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "audit retention: delete failed");
+            return 0;
+        }
+    };
+    if deleted > 0 {
+        let cutoff = crate::timefmt::format_rfc3339_ms(before);
+        info!(deleted, before = %cutoff, "audit retention: old records deleted");
+        let rec = crate::store::audit::NewAudit {
+            kind: Some(crate::store::audit::AuditKind::Admin),
+            started_ms: now,
+            ended_ms: Some(now),
+            reason: Some("ok".into()),
+            detail: Some(format!(
+                "audit.retention deleted {deleted} records that ended before {cutoff}"
+            )),
+            ..Default::default()
+        };
+        if let Err(e) = state.store.audit_insert(rec).await {
+            warn!(error = %e, "audit retention: could not record the deletion");
+        }
+    }
+    deleted
 }
 
 /// Watch the store for changes made by other processes and end what they

@@ -563,6 +563,27 @@ impl Store {
         }
     }
 
+    /// Deletes closed audit records that ended before `before_ms`, in
+    /// transactions of at most `chunk` records; returns how many went.
+    /// Open records are kept. See [`sqlite::SqliteStore::audit_prune`].
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when a write fails (earlier chunks stay
+    /// deleted).
+    pub async fn audit_prune(&self, before_ms: i64, chunk: usize) -> Result<usize, StoreError> {
+        let chunk = chunk.max(1);
+        let mut total = 0;
+        loop {
+            let n = match self {
+                Store::Sqlite(s) => blocking(s, move |s| s.audit_prune(before_ms, chunk)).await?,
+            };
+            total += n;
+            if n < chunk {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Lists audit records, oldest first.
     ///
     /// # Errors

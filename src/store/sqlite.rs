@@ -486,7 +486,6 @@ impl SqliteStore {
         })
     }
 
-
     /// Runs `f` in a `BEGIN IMMEDIATE` transaction and commits if it
     /// returns `Ok`.
     fn write<T>(

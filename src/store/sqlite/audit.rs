@@ -164,6 +164,27 @@ impl SqliteStore {
         })
     }
 
+    /// Deletes up to `max` closed records that ended before `before_ms`
+    /// (open records, live tunnels and sessions, are kept whatever their
+    /// age). Returns how many went; call again while it returns `max`, so
+    /// no transaction holds the write lock for long.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] when the write fails.
+    pub fn audit_prune(&self, before_ms: i64, max: usize) -> Result<usize, StoreError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            // `started_at` is indexed and never after `ended_at`.
+            Ok(tx.execute(
+                "DELETE FROM audit WHERE id IN (
+                     SELECT id FROM audit
+                     WHERE started_at < ?1 AND ended_at IS NOT NULL AND ended_at < ?1
+                     ORDER BY started_at LIMIT ?2)",
+                params![before_ms, max],
+            )?)
+        })
+    }
+
     /// Lists records matching `filter`, oldest first (the newest `limit`).
     ///
     /// # Errors
@@ -227,6 +248,48 @@ mod tests {
             started_ms: start,
             ..NewAudit::default()
         }
+    }
+
+    #[test]
+    fn prune_deletes_only_closed_records_that_ended_before_the_cutoff() {
+        let (_dir, s) = temp_store();
+        let end = |ms| AuditEnd {
+            ended_ms: ms,
+            status: Some(200),
+            bytes: Some((1, 2)),
+            reason: "closed".into(),
+        };
+        let mut old = Vec::new();
+        for i in 0..5 {
+            let id = s.audit_insert(&tunnel("alice", "1234", 1000 + i)).unwrap();
+            s.audit_finish(id, &end(2000 + i)).unwrap();
+            old.push(id);
+        }
+        // Started long ago but still running: kept.
+        let live = s.audit_insert(&tunnel("alice", "1234", 500)).unwrap();
+        // Started before the cutoff, ended after it: kept.
+        let straddles = s.audit_insert(&tunnel("bob", "1234", 1500)).unwrap();
+        s.audit_finish(straddles, &end(9000)).unwrap();
+        let recent = s.audit_insert(&tunnel("bob", "1234", 8000)).unwrap();
+        s.audit_finish(recent, &end(8001)).unwrap();
+
+        // In chunks: 2, 2, 1, then nothing.
+        let mut chunks = Vec::new();
+        loop {
+            let n = s.audit_prune(5000, 2).unwrap();
+            chunks.push(n);
+            if n < 2 {
+                break;
+            }
+        }
+        assert_eq!(chunks, [2, 2, 1]);
+        let left: Vec<i64> = s
+            .audit_query(&AuditFilter::default())
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, [live, straddles, recent]);
     }
 
     #[test]
