@@ -539,18 +539,18 @@ fn crt_quote(s: &str) -> String {
         match c {
             '\\' => backslashes += 1,
             '"' => {
-                out.extend(std::iter::repeat('\\').take(backslashes * 2 + 1));
+                out.extend(std::iter::repeat_n('\\', backslashes * 2 + 1));
                 out.push('"');
                 backslashes = 0;
             }
             _ => {
-                out.extend(std::iter::repeat('\\').take(backslashes));
+                out.extend(std::iter::repeat_n('\\', backslashes));
                 out.push(c);
                 backslashes = 0;
             }
         }
     }
-    out.extend(std::iter::repeat('\\').take(backslashes * 2));
+    out.extend(std::iter::repeat_n('\\', backslashes * 2));
     out.push('"');
     out
 }
@@ -750,13 +750,13 @@ mod tests {
                 }
                 in_arg = true;
                 if i < chars.len() && chars[i] == '"' {
-                    cur.extend(std::iter::repeat('\\').take(n / 2));
+                    cur.extend(std::iter::repeat_n('\\', n / 2));
                     if n % 2 == 1 {
                         cur.push('"');
                         i += 1;
                     }
                 } else {
-                    cur.extend(std::iter::repeat('\\').take(n));
+                    cur.extend(std::iter::repeat_n('\\', n));
                 }
                 continue;
             }

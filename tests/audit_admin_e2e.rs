@@ -1598,3 +1598,56 @@ async fn retention_deletes_closed_records_past_it_and_says_so() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_data_directory_is_refused_and_touches_nothing() {
+    use maintgate::store::audit::{AuditFilter, AuditKind, NewAudit};
+    tokio::time::timeout(T, async {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = stack::test_settings(dir.path());
+        let first = Stack::start_with(dir, settings.clone()).await;
+        // A running tunnel's record, as the first broker keeps it.
+        let open = first
+            .state
+            .store()
+            .audit_insert(NewAudit {
+                kind: Some(AuditKind::Tunnel),
+                account: Some(USER.into()),
+                started_ms: maintgate::timefmt::now_ms(),
+                ..NewAudit::default()
+            })
+            .await
+            .unwrap();
+        let second = maintgate::broker::Broker::bind(settings.clone()).await;
+        let err = second.err().expect("the second broker is refused");
+        let text = err.to_string();
+        assert!(
+            matches!(err, maintgate::broker::BrokerError::DataDirInUse { .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("in use by another broker")
+                && text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        // It did not close the first broker's open record as interrupted.
+        let records = first
+            .state
+            .store()
+            .audit_query(AuditFilter::default())
+            .await
+            .unwrap();
+        let rec = records.iter().find(|r| r.id == open).unwrap();
+        assert_eq!(rec.end_ms, None, "{rec:?}");
+        // Once the first has stopped, the directory is free again.
+        let restarted = first.restart().await;
+        assert!(restarted
+            .state
+            .store()
+            .audit_query(AuditFilter::default())
+            .await
+            .is_ok());
+    })
+    .await
+    .expect("timed out");
+}

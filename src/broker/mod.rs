@@ -49,6 +49,72 @@ pub enum BrokerError {
     },
     #[error("{0}")]
     AdminToken(#[from] crate::admin::token::TokenError),
+    #[error("data directory {dir}: {source}")]
+    DataDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {dir} is in use by another broker ({holder}); several brokers need PostgreSQL, not one SQLite file")]
+    DataDirInUse {
+        dir: std::path::PathBuf,
+        holder: String,
+    },
+}
+
+/// The lock file in the data directory.
+pub const LOCK_FILE: &str = "broker.lock";
+
+/// An exclusive lock on the data directory, held while the broker runs.
+///
+/// A second broker on the same directory would close the first one's open
+/// audit records as interrupted at its start, and then both would write
+/// one SQLite file; it is refused instead. The lock is `flock`-style, so
+/// the kernel releases it when the process ends, even on SIGKILL: a crash
+/// never leaves a stale lock behind. The CLI does not take it (its writes
+/// are short transactions the broker notices).
+#[derive(Debug)]
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn acquire(dir: &std::path::Path) -> Result<DataDirLock, BrokerError> {
+        use std::io::Write;
+        let io = |source| BrokerError::DataDir {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = crate::logsafe::escape(holder.trim(), 64);
+                return Err(BrokerError::DataDirInUse {
+                    dir: dir.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "pid unknown".to_owned()
+                    } else {
+                        holder
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Who holds it, for the message above (advisory; best effort).
+        let _ = file
+            .set_len(0)
+            .and_then(|()| write!(file, "pid {}", std::process::id()));
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 /// State shared by every connection of one broker.
@@ -140,6 +206,8 @@ pub struct Broker {
     admin_listener: TcpListener,
     /// Its bound address (tests bind port 0).
     admin_addr: SocketAddr,
+    /// Held until [`Broker::run`] has drained.
+    data_lock: DataDirLock,
 }
 
 impl Broker {
@@ -150,6 +218,8 @@ impl Broker {
     /// [`BrokerError`] when the store, the certificates, the admin token
     /// or a bind fail.
     pub async fn bind(settings: BrokerSettings) -> Result<Broker, BrokerError> {
+        // First: nothing below may touch a directory another broker uses.
+        let data_lock = DataDirLock::acquire(&settings.data_dir)?;
         let store = Store::open_sqlite(&crate::store::db_path(&settings.data_dir))?;
         // Before any tunnel can run: every open record is from a crash.
         let interrupted = store
@@ -222,6 +292,7 @@ impl Broker {
             local_addr,
             admin_listener,
             admin_addr,
+            data_lock,
         })
     }
 
@@ -248,6 +319,7 @@ impl Broker {
             state,
             listener,
             admin_listener,
+            data_lock,
             ..
         } = self;
         let cancel = CancellationToken::new();
@@ -325,6 +397,9 @@ impl Broker {
         } else {
             info!("drained");
         }
+        // Tunnels have written their records' ends: another broker may
+        // take the directory now.
+        drop(data_lock);
     }
 }
 
