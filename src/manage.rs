@@ -789,9 +789,10 @@ mod tests {
         assert!(err.to_string().starts_with("invalid system name"), "{err}");
     }
 
-    #[test]
-    fn revoke_token_leaves_no_working_token() {
-        let (_dir, store) = temp_store();
+    /// Account acme managing customer 1234 with system ipo, added through
+    /// the CLI; returns the store, the printed token and the system.
+    fn customer_with_system() -> (tempfile::TempDir, SqliteStore, String, crate::store::System) {
+        let (dir, store) = temp_store();
         fake_account(&store, "acme");
         run(
             &store,
@@ -799,12 +800,18 @@ mod tests {
             "",
         )
         .unwrap();
-        let token = run(&store, &["system", "add", "1234", "ipo"], "").unwrap();
-        let token = last_line(&token).to_owned();
+        let out = run(&store, &["system", "add", "1234", "ipo"], "").unwrap();
+        let token = last_line(&out).to_owned();
         let sys = store
             .system_by_token_hash(&token_hash(&token))
             .unwrap()
             .unwrap();
+        (dir, store, token, sys)
+    }
+
+    #[test]
+    fn revoke_token_leaves_no_working_token() {
+        let (_dir, store, token, sys) = customer_with_system();
         let out = run(&store, &["system", "revoke-token", "1234", "IPO"], "").unwrap();
         assert!(out.contains("revoked"), "{out}");
         assert!(!out.contains("mgt_"), "no token is printed: {out}");
@@ -829,20 +836,7 @@ mod tests {
 
     #[test]
     fn rotate_token_invalidates_the_old_one() {
-        let (_dir, store) = temp_store();
-        fake_account(&store, "acme");
-        run(
-            &store,
-            &["customer", "add", "1234", "--account", "acme"],
-            "",
-        )
-        .unwrap();
-        let old = run(&store, &["system", "add", "1234", "ipo"], "").unwrap();
-        let old = last_line(&old).to_owned();
-        let sys = store
-            .system_by_token_hash(&token_hash(&old))
-            .unwrap()
-            .unwrap();
+        let (_dir, store, old, sys) = customer_with_system();
 
         let out = run(&store, &["system", "rotate-token", "1234", "IPO"], "").unwrap();
         let lines: Vec<&str> = out.lines().collect();

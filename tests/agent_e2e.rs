@@ -250,30 +250,38 @@ async fn disabling_an_account_with_the_cli_ends_its_live_tunnel() {
     .expect("timed out");
 }
 
+/// Connects an agent for system ipo1, runs `maintgate system <change> 1234
+/// ipo1`, and checks that the session ends within 5 s and the old token no
+/// longer gets in. Returns the stack, the echo server and the CLI output.
+async fn token_change_ends_the_session(change: &str) -> (Stack, EchoServer, String) {
+    let echo = EchoServer::start();
+    let stack = Stack::start().await;
+    let token = stack.add_system("1234", "ipo1", true).await;
+    let settings = Arc::new(stack.agent_settings(&token, stack::services(&[echo.port()])));
+    let link = tokio::spawn(maintgate::agent::connect_and_serve(
+        settings.clone(),
+        CancellationToken::new(),
+    ));
+    stack.wait_agent("1234", "ipo1").await;
+    let out = cli(&stack, &["system", change, "1234", "ipo1"]);
+    tokio::time::timeout(Duration::from_secs(5), link)
+        .await
+        .expect("session closed within 5 s")
+        .unwrap()
+        .unwrap();
+    let again = maintgate::agent::connect_and_serve(settings, CancellationToken::new()).await;
+    assert!(again.is_err(), "the old token still gets in: {again:?}");
+    assert!(!out.contains(&token), "{out}");
+    (stack, echo, out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_a_token_with_the_cli_closes_the_agent_session() {
     tokio::time::timeout(T, async {
-        let echo = EchoServer::start();
-        let stack = Stack::start().await;
-        let token = stack.add_system("1234", "ipo1", true).await;
-        let settings = Arc::new(stack.agent_settings(&token, stack::services(&[echo.port()])));
-        let link = tokio::spawn(maintgate::agent::connect_and_serve(
-            settings.clone(),
-            CancellationToken::new(),
-        ));
-        stack.wait_agent("1234", "ipo1").await;
-        let out = cli(&stack, &["system", "rotate-token", "1234", "ipo1"]);
+        let (stack, echo, out) = token_change_ends_the_session("rotate-token").await;
         let new_token = out.lines().last().unwrap().trim().to_string();
-        assert!(new_token.starts_with("mgt_") && new_token != token);
-        tokio::time::timeout(Duration::from_secs(5), link)
-            .await
-            .expect("session closed within 5 s")
-            .unwrap()
-            .unwrap();
-        // The old token no longer gets in.
-        let again = maintgate::agent::connect_and_serve(settings, CancellationToken::new()).await;
-        assert!(again.is_err(), "{again:?}");
-        // The new one does.
+        assert!(new_token.starts_with("mgt_"), "{out}");
+        // The new token gets in.
         let fresh = Arc::new(stack.agent_settings(&new_token, stack::services(&[echo.port()])));
         let link = tokio::spawn(maintgate::agent::connect_and_serve(
             fresh,
@@ -289,24 +297,8 @@ async fn rotating_a_token_with_the_cli_closes_the_agent_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_a_token_with_the_cli_closes_the_session_and_keeps_the_agent_out() {
     tokio::time::timeout(T, async {
-        let echo = EchoServer::start();
-        let stack = Stack::start().await;
-        let token = stack.add_system("1234", "ipo1", true).await;
-        let settings = Arc::new(stack.agent_settings(&token, stack::services(&[echo.port()])));
-        let link = tokio::spawn(maintgate::agent::connect_and_serve(
-            settings.clone(),
-            CancellationToken::new(),
-        ));
-        stack.wait_agent("1234", "ipo1").await;
-        let out = cli(&stack, &["system", "revoke-token", "1234", "ipo1"]);
+        let (_stack, _echo, out) = token_change_ends_the_session("revoke-token").await;
         assert!(out.contains("revoked") && !out.contains("mgt_"), "{out}");
-        tokio::time::timeout(Duration::from_secs(5), link)
-            .await
-            .expect("session closed within 5 s")
-            .unwrap()
-            .unwrap();
-        let again = maintgate::agent::connect_and_serve(settings, CancellationToken::new()).await;
-        assert!(again.is_err(), "{again:?}");
     })
     .await
     .expect("timed out");
