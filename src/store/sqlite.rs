@@ -197,7 +197,30 @@ fn open_readers(path: &Path) -> Result<Readers, StoreError> {
 }
 
 /// The reads of [`SqliteStore::connect_lookup`] on connection `c`.
+///
+/// The three reads share one read transaction: one consistent snapshot
+/// (no commit lands between the account and its grant), and the WAL read
+/// lock is taken once, not per statement.
 fn connect_lookup_on(
+    c: &Connection,
+    user: &str,
+    customer: &str,
+    system: Option<&str>,
+) -> Result<ConnectLookup, StoreError> {
+    if !c.is_autocommit() {
+        // An earlier lookup could not end its transaction: end it now.
+        c.execute_batch("ROLLBACK")?;
+    }
+    c.prepare_cached("BEGIN")?.execute([])?;
+    let found = connect_lookup_reads(c, user, customer, system);
+    // Read-only: COMMIT only ends the snapshot, whatever the reads gave.
+    let ended = c.prepare_cached("COMMIT").and_then(|mut s| s.execute([]));
+    let found = found?;
+    ended?;
+    Ok(found)
+}
+
+fn connect_lookup_reads(
     c: &Connection,
     user: &str,
     customer: &str,
@@ -1141,6 +1164,16 @@ mod tests {
         assert!(store.try_connect_lookup_now("acme", "1234", None).is_none());
         drop(held);
         assert!(store.try_connect_lookup_now("acme", "1234", None).is_some());
+        // Each lookup's read transaction is over when it returns.
+        for c in &readers.conns {
+            assert!(c.lock().unwrap().is_autocommit());
+        }
+        // One left open (by a lookup that failed to end it) is ended by
+        // the next lookup on that connection.
+        for c in &readers.conns {
+            c.lock().unwrap().execute_batch("BEGIN").unwrap();
+        }
+        assert_eq!(store.connect_lookup("acme", "1234", None).unwrap(), slow);
     }
 
     #[test]
