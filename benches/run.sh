@@ -44,7 +44,9 @@ fi
 # Overrides for partial runs; BENCH_WINDOW sets the initial per-stream
 # window (window_bytes) of both broker and agent, BENCH_LOWAT their link
 # socket's TCP_NOTSENT_LOWAT (link_notsent_lowat_bytes; 0: kernel default),
-# BENCH_MAX_WINDOW the most a window grows to (max_window_bytes).
+# BENCH_MAX_WINDOW the most a window grows to (max_window_bytes);
+# BENCH_SEQ and BENCH_C64 the setups per round (sequential, 64 concurrent);
+# NO_PEERS=1 leaves rathole and bore out.
 ROUNDS=${BENCH_ROUNDS:-$ROUNDS}; TUNNELS=${BENCH_TUNNELS:-$TUNNELS}
 AGENTS=${BENCH_AGENTS:-$AGENTS}; IDLE_SECS=${BENCH_IDLE_SECS:-$IDLE_SECS}
 SEQ=${BENCH_SEQ:-$SEQ}; C64=${BENCH_C64:-$C64}
@@ -54,7 +56,7 @@ SEQ=${BENCH_SEQ:-$SEQ}; C64=${BENCH_C64:-$C64}
 MG=${MAINTGATE_BIN:-$ROOT/target/release/maintgate}
 # BENCH_THREADS: tokio worker threads of the broker and the agent (their
 # TOKIO_WORKER_THREADS; default: one per core).
-MG_ENV="MAINTGATE_BENCH=1${BENCH_THREADS:+ TOKIO_WORKER_THREADS=$BENCH_THREADS}"
+MG_ENV="${BENCH_THREADS:+TOKIO_WORKER_THREADS=$BENCH_THREADS}"
 LG=$ROOT/target/release/examples/loadgen
 PEERS=$ROOT/benches/peers/bin
 DOMAIN=maint.bench
