@@ -54,7 +54,7 @@ pub enum BrokerError {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("data directory {dir} is in use by another broker ({holder}); several brokers need PostgreSQL, not one SQLite file")]
+    #[error("data directory {dir} is in use by another broker ({holder}); stop that one, or give this one its own data_dir")]
     DataDirInUse {
         dir: std::path::PathBuf,
         holder: String,
@@ -464,9 +464,9 @@ async fn prune_auth(state: Arc<BrokerState>, cancel: CancellationToken) {
 
 /// How often closed audit records past the retention are deleted.
 const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Records deleted per transaction: short enough that tunnel setups
-/// waiting on the audit writer hardly notice.
-const AUDIT_PRUNE_CHUNK: usize = 5000;
+/// Records deleted per transaction: a few milliseconds of the store's
+/// write lock, which tunnel setups' audit writes wait for.
+const AUDIT_PRUNE_CHUNK: usize = 1000;
 
 /// Delete closed audit records older than `keep`: at start, then hourly.
 /// Each run that deletes something leaves an `admin` record saying so.
@@ -481,7 +481,7 @@ async fn audit_retention(state: Arc<BrokerState>, keep: Duration, cancel: Cancel
 }
 
 /// One retention pass; returns how many records went.
-pub(crate) async fn prune_audit_once(state: &BrokerState, keep: Duration) -> usize {
+async fn prune_audit_once(state: &BrokerState, keep: Duration) -> usize {
     let now = crate::timefmt::now_ms();
     let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     let deleted = match state.store.audit_prune(before, AUDIT_PRUNE_CHUNK).await {
