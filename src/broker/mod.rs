@@ -107,6 +107,12 @@ impl DataDirLock {
                     },
                 });
             }
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                // Some network and FUSE file systems have no locks: run,
+                // but say that the guard is off.
+                warn!(dir = %dir.display(), error = %e, "cannot lock the data directory here; make sure only one broker uses it");
+                return Ok(DataDirLock { _file: file });
+            }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
         // Who holds it, for the message above (advisory; best effort).
