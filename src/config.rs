@@ -18,6 +18,7 @@
 //! window_bytes = 262144
 //! max_window_bytes = 262144    # raise for long WAN links (up to 64 MiB)
 //! max_streams_per_agent = 1024
+//! max_memory_mb = 0            # 503 above this RSS; unset: 90% of the cgroup limit
 //! ```
 
 use std::net::SocketAddr;
@@ -93,6 +94,7 @@ pub struct LimitsFile {
     pub dead_after_ms: Option<u64>,
     pub open_timeout_ms: Option<u64>,
     pub link_notsent_lowat_bytes: Option<u32>,
+    pub max_memory_mb: Option<u64>,
 }
 
 /// Deadlines and caps on everything a client or agent can hold.
@@ -127,6 +129,10 @@ pub struct Limits {
     pub cert_reload_every: Duration,
     /// How long shutdown waits for connections to drain.
     pub drain_timeout: Duration,
+    /// Resident memory above which new CONNECTs get 503, in MiB; `None`:
+    /// 90% of the cgroup's `memory.max` if there is one, `Some(0)`: off.
+    /// See [`crate::memguard`].
+    pub max_memory_mb: Option<u64>,
 }
 
 impl Default for Limits {
@@ -146,6 +152,7 @@ impl Default for Limits {
             revalidate_every: Duration::from_secs(1),
             cert_reload_every: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
+            max_memory_mb: None,
         }
     }
 }
@@ -309,6 +316,7 @@ impl BrokerFile {
                 revalidate_every: ms(l.revalidate_ms, dl.revalidate_every),
                 cert_reload_every: ms(l.cert_reload_ms, dl.cert_reload_every),
                 drain_timeout: ms(l.drain_timeout_ms, dl.drain_timeout),
+                max_memory_mb: l.max_memory_mb.or(dl.max_memory_mb),
             },
             mux: MuxConfig {
                 window: l.window_bytes.unwrap_or(dm.window),

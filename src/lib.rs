@@ -20,6 +20,7 @@ pub mod front;
 pub mod fuzz_logic;
 pub mod logsafe;
 pub mod manage;
+pub mod memguard;
 pub mod metrics;
 pub mod mux;
 pub mod pac;

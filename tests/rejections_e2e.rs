@@ -325,3 +325,31 @@ async fn pac_and_ca_are_served_without_auth() {
     let body = text.split_once("\r\n\r\n").unwrap().1;
     assert_eq!(body, std::fs::read_to_string(stack.ca()).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_memory_limit_a_connect_is_503_and_nothing_is_dialed() {
+    tokio::time::timeout(T, async {
+        let echo = EchoServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = stack::test_settings(dir.path());
+        // 1 MiB: any broker is over it from its first sample.
+        settings.limits.max_memory_mb = Some(1);
+        let mut stack = Stack::start_with(dir, settings).await;
+        let token = stack.add_system("1234", "ipo1", true).await;
+        // Agents still get in: their links are what the tunnels need once
+        // memory is back.
+        stack.start_agent(&token, stack::services(&[echo.port()]));
+        stack.wait_agent("1234", "ipo1").await;
+        let good = format!("{USER}:{PASS}");
+        let (ok, text) =
+            proxytunnel(&stack, &good, &format!("1234.{DOMAIN}:{}", echo.port())).await;
+        assert!(!ok, "proxytunnel succeeded");
+        assert!(
+            text.contains("HTTP return code: 503 Broker overloaded"),
+            "{text}"
+        );
+        assert_eq!(agent_opens(&stack), 0, "the agent was contacted");
+    })
+    .await
+    .expect("timed out");
+}

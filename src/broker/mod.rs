@@ -150,6 +150,8 @@ pub struct BrokerState {
     /// The port clients connect to (`public_port`, else the bound proxy
     /// port), for connect-info through the admin API.
     client_port: u16,
+    /// The memory guard, when a limit applies.
+    memory: Option<Arc<crate::memguard::MemoryGuard>>,
 }
 
 impl BrokerState {
@@ -178,12 +180,13 @@ impl BrokerState {
         &self.resolver
     }
     /// Whether open connections are past the soft cap (90% of
-    /// `max_connections`): new CONNECTs then get 503 while the broker keeps
-    /// serving what it has; the hard cap stops accepting altogether.
+    /// `max_connections`) or resident memory is over its limit: new
+    /// CONNECTs then get 503 while the broker keeps serving what it has;
+    /// the hard connection cap stops accepting altogether.
     pub fn overloaded(&self) -> bool {
         let max = self.settings.limits.max_connections;
         let open = max.saturating_sub(self.conn_permits.available_permits());
-        open * 10 >= max * 9
+        open * 10 >= max * 9 || self.memory.as_ref().is_some_and(|m| m.is_over())
     }
     /// The rendered PAC.
     pub fn pac(&self) -> &str {
@@ -276,6 +279,14 @@ impl Broker {
             &settings.domain,
             settings.client_port(local_addr),
         );
+        let memory = crate::memguard::effective_limit(settings.limits.max_memory_mb)
+            .map(|limit| Arc::new(crate::memguard::MemoryGuard::new(limit)));
+        if let Some(m) = &memory {
+            info!(
+                limit_mb = m.limit() >> 20,
+                "new CONNECTs get 503 above this resident memory"
+            );
+        }
         let auth = Authenticator::new(store.clone(), settings.limits.auth.clone());
         let client_port = settings.client_port(local_addr);
         let settings_max_connections = settings.limits.max_connections;
@@ -293,6 +304,7 @@ impl Broker {
                 metrics: crate::metrics::Metrics::default(),
                 admin_token,
                 client_port,
+                memory,
             }),
             listener,
             local_addr,
@@ -346,6 +358,10 @@ impl Broker {
             tracker.clone(),
         ));
         tracker.spawn(prune_auth(state.clone(), cancel.clone()));
+        if let Some(memory) = state.memory.clone() {
+            let cancel = cancel.clone();
+            tracker.spawn(async move { memory.watch(cancel).await });
+        }
         if let Some(keep) = state.settings.audit_retention {
             tracker.spawn(audit_retention(state.clone(), keep, cancel.clone()));
         }
