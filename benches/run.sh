@@ -57,7 +57,11 @@ MG=${MAINTGATE_BIN:-$ROOT/target/release/maintgate}
 # BENCH_THREADS: tokio worker threads of the broker and the agent (their
 # TOKIO_WORKER_THREADS; default: one per core).
 MG_ENV="${BENCH_THREADS:+TOKIO_WORKER_THREADS=$BENCH_THREADS}"
-LG=$ROOT/target/release/examples/loadgen
+# BENCH_AGENT_THREADS: the agent's alone (default: BENCH_THREADS).
+AGENT_THREADS=${BENCH_AGENT_THREADS:-${BENCH_THREADS:-}}
+MG_AGENT_ENV="${AGENT_THREADS:+TOKIO_WORKER_THREADS=$AGENT_THREADS}"
+# LOADGEN_BIN: another load generator binary (same use as MAINTGATE_BIN).
+LG=${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}
 PEERS=$ROOT/benches/peers/bin
 DOMAIN=maint.bench
 PASS=bench-Password-123
@@ -185,7 +189,7 @@ start_broker() {
 }
 
 start_agent() {
-  spawn "agent-$BROKER_RUNS" env $MG_ENV "$MG" agent --config "$WORK/agent.toml"
+  spawn "agent-$BROKER_RUNS" env $MG_AGENT_ENV "$MG" agent --config "$WORK/agent.toml"
   AGENT_PID=$LAST
   "$LG" metric --admin "127.0.0.1:$P_ADMIN" --at-least 1 --timeout 20 > /dev/null
 }

@@ -449,7 +449,7 @@ impl SqliteStore {
         }
         // Two racing first callers may both start a thread; the loser's
         // handle is dropped at once, which ends its idle thread.
-        let started = writer::AuditWriter::start(self.conn.clone())
+        let started = writer::AuditWriter::start(self.conn.clone(), &self.path)
             .map_err(|e| StoreError::Backend(format!("cannot start the audit writer: {e}")))?;
         let _ = self.writer.set(started);
         self.writer
