@@ -369,14 +369,23 @@ mod tests {
         };
         let id = inline_only.apply(AuditOp::Insert(rec("a"))).await.unwrap();
         assert!(id > 0);
-        // The connection is busy: the write must queue (and here fail,
-        // rather than wait or skip the lock).
+        // The connection is busy: no inline write (it would wait for the
+        // lock on a runtime worker), the write queues, and here fails.
         let held = store.conn.lock().unwrap();
-        let busy = inline_only.apply(AuditOp::SetStatus(id, 200)).await;
-        assert!(matches!(busy, Err(StoreError::Backend(_))), "{busy:?}");
+        assert!(inline_only
+            .try_inline(&AuditOp::SetStatus(id, 200))
+            .is_none());
         drop(held);
+        let busy = inline_only.queue(Job {
+            op: AuditOp::SetStatus(id, 200),
+            reply: None,
+        });
+        assert!(matches!(busy, Err(StoreError::Backend(_))), "{busy:?}");
         // Something queued: later writes go behind it, not around it.
         w.shared.queued.fetch_add(1, Ordering::AcqRel);
+        assert!(inline_only
+            .try_inline(&AuditOp::SetStatus(id, 200))
+            .is_none());
         let behind = inline_only.apply(AuditOp::SetStatus(id, 200)).await;
         assert!(matches!(behind, Err(StoreError::Backend(_))), "{behind:?}");
         w.shared.queued.fetch_sub(1, Ordering::AcqRel);
