@@ -27,8 +27,8 @@
 //! batch gets the error, so no caller believes a lost write was stored.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
@@ -74,18 +74,6 @@ struct Job {
 #[derive(Debug, Clone)]
 pub(super) struct AuditWriter {
     tx: mpsc::UnboundedSender<Job>,
-    shared: Arc<Shared>,
-}
-
-/// What the handles and the writer thread share.
-#[derive(Debug)]
-struct Shared {
-    /// The store's write connection (the writer thread's too).
-    conn: Arc<Mutex<Connection>>,
-    /// Operations queued and not yet answered.
-    queued: AtomicUsize,
-    /// Wakes the checkpointer.
-    wake: Wake,
 }
 
 impl std::fmt::Debug for Job {
@@ -115,66 +103,27 @@ impl AuditWriter {
             .pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(io)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
-            conn,
-            queued: AtomicUsize::new(0),
-            wake: Wake {
-                tx: wake_tx,
-                dirty,
-                ops: AtomicUsize::new(0),
-            },
-        });
-        let thread_shared = shared.clone();
+        let wake = Wake {
+            tx: wake_tx,
+            dirty,
+            ops: 0,
+        };
         std::thread::Builder::new()
             .name("maintgate-audit".into())
-            .spawn(move || run(&thread_shared, rx))?;
-        Ok(AuditWriter { tx, shared })
+            .spawn(move || run(&conn, rx, wake))?;
+        Ok(AuditWriter { tx })
     }
 
-    /// Applies `op` and waits for its commit: at once on the caller's
-    /// thread when nothing is queued and the connection is free, else in
-    /// the writer's next batch.
-    ///
-    /// The inline path saves a sequential tunnel setup the two thread
-    /// hand-offs to the writer and back (the broker's insert phase went
-    /// from 89 to 57 µs at the median; end to end that is within the
-    /// bench's noise); under load the queue is rarely empty, and batching
-    /// takes over. It blocks the caller's runtime worker for one
-    /// small transaction, which no longer checkpoints.
+    /// Applies `op` in the next batch and waits for its commit.
     pub(super) async fn apply(&self, op: AuditOp) -> Reply {
-        if let Some(reply) = self.try_inline(&op) {
-            return reply;
-        }
         let (reply, answer) = oneshot::channel();
-        self.queue(Job {
-            op,
-            reply: Some(reply),
-        })?;
+        self.tx
+            .send(Job {
+                op,
+                reply: Some(reply),
+            })
+            .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
-    }
-
-    /// `op` applied now, if the writer is idle and its connection free.
-    fn try_inline(&self, op: &AuditOp) -> Option<Reply> {
-        if self.shared.queued.load(Ordering::Acquire) != 0 {
-            return None;
-        }
-        let mut c = match self.shared.conn.try_lock() {
-            Ok(c) => c,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
-        };
-        let reply = apply_batch(&mut c, std::iter::once(op)).pop()?;
-        drop(c);
-        self.shared.wake.committed(1);
-        Some(reply)
-    }
-
-    fn queue(&self, job: Job) -> Result<(), StoreError> {
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        self.tx.send(job).map_err(|_| {
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            stopped()
-        })
     }
 
     /// Queues a status update without waiting; a failure is logged.
@@ -183,7 +132,7 @@ impl AuditWriter {
             op: AuditOp::SetStatus(id, status),
             reply: None,
         };
-        if self.queue(job).is_err() {
+        if self.tx.send(job).is_err() {
             tracing::warn!(id, "audit writer stopped: status not recorded");
         }
     }
@@ -195,19 +144,18 @@ fn stopped() -> StoreError {
 
 /// The writer's side of the checkpointer: a wake-up after
 /// [`CHECKPOINT_AFTER_OPS`] operations, and a flag for the idle pass.
-#[derive(Debug)]
 struct Wake {
     tx: std_mpsc::SyncSender<()>,
     dirty: Arc<AtomicBool>,
-    ops: AtomicUsize,
+    ops: usize,
 }
 
 impl Wake {
-    fn committed(&self, ops: usize) {
+    fn committed(&mut self, ops: usize) {
         self.dirty.store(true, Ordering::Relaxed);
-        let before = self.ops.fetch_add(ops, Ordering::Relaxed);
-        if before + ops >= CHECKPOINT_AFTER_OPS {
-            self.ops.store(0, Ordering::Relaxed);
+        self.ops += ops;
+        if self.ops >= CHECKPOINT_AFTER_OPS {
+            self.ops = 0;
             // Full: a wake-up is already pending, which is enough.
             let _ = self.tx.try_send(());
         }
@@ -240,7 +188,7 @@ fn checkpointer(conn: &Connection, wake: &std_mpsc::Receiver<()>, dirty: &Atomic
     }
 }
 
-fn run(shared: &Shared, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run(conn: &Mutex<Connection>, mut rx: mpsc::UnboundedReceiver<Job>, mut wake: Wake) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -251,11 +199,10 @@ fn run(shared: &Shared, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         let replies = {
-            let mut c = shared.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut c = conn.lock().unwrap_or_else(PoisonError::into_inner);
             apply_batch(&mut c, batch.iter().map(|j| &j.op))
         };
-        shared.wake.committed(batch.len());
-        shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        wake.committed(batch.len());
         for (job, reply) in batch.drain(..).zip(replies) {
             match (job.reply, reply) {
                 (Some(tx), r) => {
@@ -353,44 +300,6 @@ mod tests {
         let again = w.apply(AuditOp::Finish(ids[0], end)).await;
         assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
         w.apply(AuditOp::SetStatus(ids[1], 200)).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn an_idle_writer_is_bypassed_and_a_busy_one_is_queued_behind() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
-        let w = AuditWriter::start(store.conn.clone(), &store.path).unwrap();
-        // A handle whose queue leads nowhere: only the inline path can
-        // answer it.
-        let (dead_tx, _) = mpsc::unbounded_channel();
-        let inline_only = AuditWriter {
-            tx: dead_tx,
-            shared: w.shared.clone(),
-        };
-        let id = inline_only.apply(AuditOp::Insert(rec("a"))).await.unwrap();
-        assert!(id > 0);
-        // The connection is busy: no inline write (it would wait for the
-        // lock on a runtime worker), the write queues, and here fails.
-        let held = store.conn.lock().unwrap();
-        assert!(inline_only
-            .try_inline(&AuditOp::SetStatus(id, 200))
-            .is_none());
-        drop(held);
-        let busy = inline_only.queue(Job {
-            op: AuditOp::SetStatus(id, 200),
-            reply: None,
-        });
-        assert!(matches!(busy, Err(StoreError::Backend(_))), "{busy:?}");
-        // Something queued: later writes go behind it, not around it.
-        w.shared.queued.fetch_add(1, Ordering::AcqRel);
-        assert!(inline_only
-            .try_inline(&AuditOp::SetStatus(id, 200))
-            .is_none());
-        let behind = inline_only.apply(AuditOp::SetStatus(id, 200)).await;
-        assert!(matches!(behind, Err(StoreError::Backend(_))), "{behind:?}");
-        w.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        assert_eq!(w.shared.queued.load(Ordering::Acquire), 0);
-        w.apply(AuditOp::SetStatus(id, 200)).await.unwrap();
     }
 
     #[test]
