@@ -221,7 +221,7 @@ impl TunnelRecord {
     }
 
     async fn close(self, state: &BrokerState, end: AuditEnd) {
-        if let Err(e) = state.store().audit_finish(self.id, end).await {
+        if let Err(e) = state.store().audit_finish_tunnel(self.id, end).await {
             insert_failed(state, "tunnel end", &e);
         }
     }

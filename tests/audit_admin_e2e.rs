@@ -1356,10 +1356,15 @@ async fn a_crash_leaves_the_record_open_and_the_next_start_closes_it_as_interrup
         );
         echo_roundtrip(&mut tls, b"before the crash").await;
         let data = root.path().join("data");
-        let open = tokio::task::block_in_place(|| cli_audit(&data, &["--kind", "tunnel"]));
-        assert_eq!(open.len(), 1);
+        // The status after the 200 is a deferred write: it shares the
+        // next commit, or waits at most 50 ms for one.
+        let data_ref = &data;
+        let open = poll_until_async("the tunnel's status recorded", T, || async move {
+            let v = tokio::task::block_in_place(|| cli_audit(data_ref, &["--kind", "tunnel"]));
+            (v.len() == 1 && v[0]["status"] == 200).then_some(v)
+        })
+        .await;
         assert!(open[0]["end"].is_null(), "open while the tunnel runs");
-        assert_eq!(open[0]["status"], 200);
 
         // SIGKILL: no drain, no chance to write the end.
         let pid = first.child.id();

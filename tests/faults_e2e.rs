@@ -154,6 +154,9 @@ async fn a_slow_reader_is_held_to_its_window_while_others_flow() {
             for _ in 0..20 {
                 wr.write_all(&block).await.unwrap();
             }
+            // TLS: what the socket did not take yet waits in rustls until a
+            // flush (or the next write).
+            wr.flush().await.unwrap();
         };
         let r = async {
             let mut buf = vec![0u8; 1 << 16];

@@ -552,6 +552,25 @@ impl Store {
         }
     }
 
+    /// Finishes a tunnel's audit record. As [`Store::audit_finish`], but
+    /// the commit may wait up to 50 ms to share one with other writes:
+    /// nothing but the ending tunnel waits on it.
+    ///
+    /// # Errors
+    /// As [`Store::audit_finish`].
+    pub async fn audit_finish_tunnel(
+        &self,
+        id: i64,
+        end: audit::AuditEnd,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s
+                .audit_apply_deferred(sqlite::AuditOp::Finish(id, end))
+                .await
+                .map(drop),
+        }
+    }
+
     /// Closes records left open by a crash as `interrupted`; returns how
     /// many.
     ///

@@ -466,6 +466,15 @@ impl SqliteStore {
         self.audit_writer()?.apply(op).await
     }
 
+    /// As [`SqliteStore::audit_apply`], but the commit may wait a little
+    /// for other writes to share it (a tunnel's end).
+    ///
+    /// # Errors
+    /// As [`SqliteStore::audit_apply`].
+    pub async fn audit_apply_deferred(&self, op: AuditOp) -> Result<i64, StoreError> {
+        self.audit_writer()?.apply_deferred(op).await
+    }
+
     /// Queues a status update for an open record; failures are logged.
     pub fn audit_set_status_nowait(&self, id: i64, status: u16) {
         match self.audit_writer() {
