@@ -12,7 +12,7 @@ esac
 cd "$(dirname "$0")/.."
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
-for target in dest connect_head basic mux_frames ws_frames hello config; do
+for target in dest connect_head basic mux_frames hello config; do
     echo "== fuzz $target for ${seconds}s"
     mkdir -p "$scratch/$target"
     cargo +nightly fuzz run "$target" "$scratch/$target" "fuzz/corpus/$target" -- \

@@ -217,37 +217,6 @@ pub fn mux_frames(data: &[u8]) {
     }
 }
 
-/// WebSocket framing of the agent link: headers decode or are refused for
-/// each end; a decoded header re-encodes (in the shortest form) to bytes
-/// that decode to the same header; masking is its own inverse. The bytes
-/// are also tried as an upgrade response, which must not panic.
-pub fn ws_frames(data: &[u8]) {
-    use crate::mux::ws::{apply_mask, check_upgrade_response, decode_header, encode_header, End};
-    const MAX: usize = 1 << 20;
-    for end in [End::Client, End::Server] {
-        let mut rest = data;
-        while let Ok(Some((h, n))) = decode_header(rest, end, MAX) {
-            assert!(n <= rest.len() && h.len <= MAX as u64);
-            let mut out = [0u8; crate::mux::ws::MAX_HEADER];
-            let m = encode_header(&mut out, &h);
-            assert!(m <= n, "shortest form is never longer");
-            assert_eq!(decode_header(&out[..m], end, MAX), Ok(Some((h, m))));
-            let body_end = n.saturating_add(h.len as usize).min(rest.len());
-            if let Some(k) = h.mask {
-                let mut body = rest[n..body_end].to_vec();
-                apply_mask(&mut body, k);
-                apply_mask(&mut body, k);
-                assert_eq!(body, &rest[n..body_end]);
-            }
-            if body_end == n && h.len > 0 {
-                break;
-            }
-            rest = &rest[body_end..];
-        }
-    }
-    let _ = check_upgrade_response(data, "dGhlIHNhbXBsZSBub25jZQ==");
-}
-
 /// Agent control messages: a HELLO parses or is refused; a parsed HELLO
 /// respects every limit and round-trips through JSON.
 pub fn hello(data: &[u8]) {
@@ -329,11 +298,6 @@ mod tests {
     }
 
     #[test]
-    fn seed_corpus_ws_frames() {
-        assert!(run_corpus("ws_frames", ws_frames) >= 3);
-    }
-
-    #[test]
     fn seed_corpus_hello() {
         assert!(run_corpus("hello", hello) >= 4);
     }
@@ -350,7 +314,6 @@ mod tests {
             connect_head(data);
             basic(data);
             mux_frames(data);
-            ws_frames(data);
             hello(data);
             config(data);
         }

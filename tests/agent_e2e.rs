@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use maintgate::mux::{Mux, MuxConfig, OpenErrCode, OpenError, Role, Target};
 use support::stack::{self, open_tunnel, Stack, DOMAIN};
 use support::EchoServer;
@@ -154,8 +155,13 @@ async fn the_agent_refuses_targets_outside_its_policy_even_from_a_rogue_broker()
 
         let (tcp, _) = listener.accept().await.unwrap();
         let tls = acceptor.accept(tcp).await.unwrap();
-        let mut ws = accept_link(tls).await;
-        let _hello = ws.reader.next().await.unwrap().unwrap();
+        let mut ws = tokio_tungstenite::accept_async_with_config(
+            tls,
+            Some(maintgate::mux::session::ws_config()),
+        )
+        .await
+        .unwrap();
+        let _hello = ws.next().await.unwrap().unwrap();
         let (mux, _, _) = Mux::start(
             ws,
             Role::Broker,
@@ -329,39 +335,4 @@ async fn a_refused_target_is_502() {
     })
     .await
     .expect("timed out");
-}
-
-/// A bare server end of the agent link's upgrade: read the request, answer
-/// 101 with the accept key (no token check), hand over the link.
-async fn accept_link<S>(mut io: S) -> maintgate::mux::ws::WsLink<S>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut buf = Vec::new();
-    let end = loop {
-        let mut chunk = [0u8; 1024];
-        let n = io.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "agent hung up during the upgrade");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = std::str::from_utf8(&buf[..end]).unwrap();
-    let key = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-        .unwrap()
-        .trim();
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let reply = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    io.write_all(reply.as_bytes()).await.unwrap();
-    maintgate::mux::ws::WsLink::new(
-        io,
-        &buf[end..],
-        maintgate::mux::ws::End::Server,
-        maintgate::mux::session::MAX_LINK_MESSAGE,
-    )
 }

@@ -14,16 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 pub use config::{AgentOverrides, AgentSettings};
 
-use crate::mux::session::MAX_LINK_MESSAGE;
-use crate::mux::ws::{client_handshake, End, Opcode, WsLink};
+use crate::mux::session::ws_config;
 use crate::mux::{relay, Frame, Incoming, Mux, OpenErrCode, RelayStats, Role, SessionEnd, Target};
 use crate::policy::{forbidden_class, Enforcement, Hello};
 
@@ -117,19 +120,22 @@ pub async fn connect_and_serve(
         crate::mux::session::tune_link_socket(&tcp, settings.mux.notsent_lowat);
         let name = rustls_pki_types::ServerName::try_from(settings.broker_host.clone())
             .map_err(|_| AgentError::ServerName(settings.broker_host.clone()))?;
-        let mut tls = TlsConnector::from(tls_config)
+        let tls = TlsConnector::from(tls_config)
             .connect(name, tcp)
             .await
             .map_err(AgentError::Connect)?;
-        let token = settings.token.expose();
-        if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(AgentError::Handshake("token has invalid characters".into()));
-        }
-        let auth = format!("Authorization: Bearer {token}\r\n");
-        let leftover = client_handshake(&mut tls, &settings.broker, &auth)
-            .await
+        let mut req = settings
+            .broker
+            .as_str()
+            .into_client_request()
             .map_err(|e| AgentError::Handshake(e.to_string()))?;
-        let mut ws = WsLink::new(tls, &leftover, End::Client, MAX_LINK_MESSAGE);
+        let auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
+            .map_err(|_| AgentError::Handshake("token has invalid characters".into()))?;
+        req.headers_mut().insert("authorization", auth);
+        let (mut ws, _resp) =
+            tokio_tungstenite::client_async_with_config(req, tls, Some(ws_config()))
+                .await
+                .map_err(|e| AgentError::Handshake(e.to_string()))?;
         let hello = Hello {
             version: VERSION.to_string(),
             policy: settings.policy.clone(),
@@ -137,8 +143,7 @@ pub async fn connect_and_serve(
         let json = serde_json::to_vec(&hello).map_err(|e| AgentError::Handshake(e.to_string()))?;
         let mut buf = BytesMut::new();
         Frame::Hello(Bytes::from(json)).encode(&mut buf);
-        ws.writer
-            .send(Opcode::Binary, &buf)
+        ws.send(Message::Binary(buf.freeze()))
             .await
             .map_err(|e| AgentError::Handshake(e.to_string()))?;
         Ok::<_, AgentError>(ws)

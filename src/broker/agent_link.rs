@@ -9,7 +9,11 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
@@ -17,8 +21,7 @@ use super::BrokerState;
 use crate::front::conn::Conn;
 use crate::front::head::RequestHead;
 use crate::mux::frame::Frame;
-use crate::mux::session::MAX_LINK_MESSAGE;
-use crate::mux::ws::{End, Message, WsLink};
+use crate::mux::session::ws_config;
 use crate::mux::{Mux, Role};
 use crate::policy::Hello;
 use crate::registry::AgentSession;
@@ -168,14 +171,16 @@ async fn establish(
     }
     let peer = conn.peer;
     crate::mux::session::tune_link_socket(conn.io.get_ref().0, state.settings.mux.notsent_lowat);
-    let leftover = conn.buf.split();
-    let mut ws = WsLink::new(conn.io, &leftover, End::Server, MAX_LINK_MESSAGE);
+    let leftover = conn.buf.split().to_vec();
+    let mut ws =
+        WebSocketStream::from_partially_read(conn.io, leftover, WsRole::Server, Some(ws_config()))
+            .await;
 
     let span =
         tracing::info_span!("agent", customer = %system.customer_id, system = %system.name, %peer);
     async move {
-        let hello = match tokio::time::timeout(state.settings.limits.hello_timeout, ws.reader.next()).await {
-            Ok(Ok(Some(Message::Binary(mut b)))) => match Frame::decode(&mut b) {
+        let hello = match tokio::time::timeout(state.settings.limits.hello_timeout, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(mut b)))) => match Frame::decode(&mut b) {
                 Ok(Some(Frame::Hello(json))) if b.is_empty() => Hello::parse(&json).map_err(|e| e.to_string()),
                 Ok(_) => Err("first frame is not a lone HELLO".to_string()),
                 Err(e) => Err(e.to_string()),
@@ -187,7 +192,7 @@ async fn establish(
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "agent refused");
-                let _ = ws.writer.close().await;
+                let _ = ws.close(None).await;
                 return None;
             }
         };

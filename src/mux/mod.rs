@@ -3,15 +3,12 @@
 //! - [`frame`]: the pure wire codec (fuzzed, property-tested).
 //! - [`session`]: a live session: stream table, per-stream credit, fair
 //!   scheduling of data between streams, keepalive.
-//! - [`ws`]: WebSocket framing (RFC 6455) of the link, zero-copy on the
-//!   data path.
 //! - [`relay`]: pumps bytes between a local socket and one mux stream,
 //!   carrying half-close and returning byte counts.
 
 pub mod frame;
 pub mod relay;
 pub mod session;
-pub mod ws;
 
 pub use frame::{Frame, OpenErrCode, RstCode, Target};
 pub use relay::{expiry, relay, Expiry, RelayEnd, RelayStats};

@@ -27,13 +27,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{Frame, OpenErrCode, RstCode, Target, MAX_DATA_CHUNK, MAX_PAYLOAD};
-use super::ws::{LinkError, Message, Opcode, WsLink, WsReader, WsWriter, HEADROOM};
 
 /// Which end of the link this is. Only the broker opens streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,9 +153,18 @@ pub fn tune_link_socket(tcp: &tokio::net::TcpStream, notsent_lowat: u32) {
     }
 }
 
-/// Largest WebSocket message either end accepts on the agent link: one
-/// batch of frames plus one frame that overflowed it, with slack.
-pub const MAX_LINK_MESSAGE: usize = MAX_MESSAGE_BATCH + MAX_PAYLOAD + 1024;
+/// The WebSocket limits we run with. tungstenite's defaults (64 MiB
+/// messages, 16 MiB frames) are far too large for a multi-tenant broker.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BATCH + MAX_PAYLOAD + 1024))
+        .max_frame_size(Some(MAX_MESSAGE_BATCH + MAX_PAYLOAD + 1024))
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_MESSAGE_BATCH)
+        // tungstenite zero-fills this much per read; 64 KiB made every
+        // idle session hold 64 KiB on each end.
+        .read_buffer_size(4 * 1024)
+}
 
 /// What a stream receives from the session.
 #[derive(Debug)]
@@ -204,9 +216,6 @@ struct Shared {
     ping_wanted: tokio::sync::Notify,
     /// Pings this end has sent.
     pings: AtomicU64,
-    /// The payload of the peer's latest ping, for the writer to answer.
-    pong: Mutex<Option<Bytes>>,
-    pong_wanted: tokio::sync::Notify,
 }
 
 /// A handle to a session. Cheap to clone; the session lives until
@@ -269,13 +278,13 @@ pub enum SessionEnd {
 }
 
 impl Mux {
-    /// Start a session over an upgraded link (after HELLO).
+    /// Start a session over an established WebSocket.
     ///
     /// Returns the handle, a receiver of streams the peer opens (agent side;
     /// the broker's receiver never yields), and a handle that resolves when
     /// the session ends.
     pub fn start<S>(
-        link: WsLink<S>,
+        ws: WebSocketStream<S>,
         role: Role,
         config: MuxConfig,
         cancel: CancellationToken,
@@ -303,15 +312,13 @@ impl Mux {
             tx_bytes: AtomicU64::new(0),
             ping_wanted: tokio::sync::Notify::new(),
             pings: AtomicU64::new(0),
-            pong: Mutex::new(None),
-            pong_wanted: tokio::sync::Notify::new(),
         });
         let mux = Mux { shared };
-        let WsLink { reader, writer } = link;
-        let writer = tokio::spawn(writer_loop(mux.clone(), writer, ctl_rx, data_rx));
+        let (sink, stream) = ws.split();
+        let writer = tokio::spawn(writer_loop(mux.clone(), sink, ctl_rx, data_rx));
         let reader_mux = mux.clone();
         let handle = tokio::spawn(async move {
-            let end = reader_loop(reader_mux.clone(), reader, incoming_tx).await;
+            let end = reader_loop(reader_mux.clone(), stream, incoming_tx).await;
             reader_mux.shared.cancel.cancel();
             reader_mux.fail_all();
             // The writer sends a Close frame and flushes; bound it.
@@ -679,13 +686,9 @@ impl Mux {
     }
 }
 
-async fn reader_loop<R>(
-    mux: Mux,
-    mut link: WsReader<R>,
-    incoming: mpsc::Sender<Incoming>,
-) -> SessionEnd
+async fn reader_loop<St>(mux: Mux, mut stream: St, incoming: mpsc::Sender<Incoming>) -> SessionEnd
 where
-    R: AsyncRead + Unpin,
+    St: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let config = &mux.shared.config;
     let cancel = mux.shared.cancel.clone();
@@ -701,7 +704,7 @@ where
         };
         let next = tokio::select! {
             _ = cancel.cancelled() => return SessionEnd::Closed,
-            r = tokio::time::timeout_at(wake, link.next()) => r,
+            r = tokio::time::timeout_at(wake, stream.next()) => r,
         };
         let msg = match next {
             Err(_) if pinged || last.elapsed() >= config.dead_after => return SessionEnd::Dead,
@@ -710,10 +713,9 @@ where
                 mux.shared.ping_wanted.notify_one();
                 continue;
             }
-            Ok(Ok(None)) => return SessionEnd::PeerClosed,
-            Ok(Err(LinkError::Io(e))) => return SessionEnd::Transport(e.to_string()),
-            Ok(Err(LinkError::Protocol(e))) => return SessionEnd::Protocol(e.to_string()),
-            Ok(Ok(Some(m))) => m,
+            Ok(None) => return SessionEnd::PeerClosed,
+            Ok(Some(Err(e))) => return SessionEnd::Transport(e.to_string()),
+            Ok(Some(Ok(m))) => m,
         };
         last = tokio::time::Instant::now();
         pinged = false;
@@ -729,30 +731,27 @@ where
                     Err(e) => return SessionEnd::Protocol(e.to_string()),
                 }
             },
-            Message::Ping(p) => {
-                if let Ok(mut pong) = mux.shared.pong.lock() {
-                    *pong = Some(p);
-                }
-                mux.shared.pong_wanted.notify_one();
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(_) => return SessionEnd::PeerClosed,
+            Message::Text(_) | Message::Frame(_) => {
+                return SessionEnd::Protocol("unexpected text message".into())
             }
-            Message::Pong(_) => {}
-            Message::Close => return SessionEnd::PeerClosed,
         }
     }
 }
 
-async fn writer_loop<W>(
+async fn writer_loop<Si>(
     mux: Mux,
-    mut link: WsWriter<W>,
+    mut sink: Si,
     mut ctl_rx: mpsc::UnboundedReceiver<Frame>,
     mut data_rx: mpsc::Receiver<Frame>,
 ) where
-    W: AsyncWrite + Unpin,
+    Si: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let cancel = mux.shared.cancel.clone();
     // Grown on demand: an idle session (most of a broker's) keeps a few
-    // bytes here, a busy one reuses its batch buffer. The first HEADROOM
-    // bytes are where the WebSocket header goes.
+    // bytes here, a busy one reuses its batch buffer (`split` hands the
+    // bytes to the sink, and they come back once it has written them).
     let mut buf = BytesMut::new();
     loop {
         let first = tokio::select! {
@@ -760,32 +759,21 @@ async fn writer_loop<W>(
             _ = cancel.cancelled() => break,
             f = ctl_rx.recv() => f,
             f = data_rx.recv() => f,
-            () = mux.shared.pong_wanted.notified() => {
-                let payload = mux.shared.pong.lock().ok().and_then(|mut p| p.take());
-                if let Some(p) = payload {
-                    if link.send(Opcode::Pong, &p).await.is_err() {
-                        break;
-                    }
-                }
-                continue;
-            }
             () = mux.shared.ping_wanted.notified() => {
                 mux.shared.pings.fetch_add(1, Ordering::Relaxed);
-                if link.send(Opcode::Ping, &[]).await.is_err() {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
                     break;
                 }
                 continue;
             }
         };
         let Some(first) = first else { break };
-        buf.clear();
         if matches!(first, Frame::Data { .. }) {
-            buf.reserve(HEADROOM + MAX_MESSAGE_BATCH + MAX_PAYLOAD);
+            buf.reserve(MAX_MESSAGE_BATCH + MAX_PAYLOAD);
         }
-        buf.put_bytes(0, HEADROOM);
         first.encode(&mut buf);
         // Coalesce what is already queued: control first, then data.
-        while buf.len() - HEADROOM < MAX_MESSAGE_BATCH {
+        while buf.len() < MAX_MESSAGE_BATCH {
             if let Ok(f) = ctl_rx.try_recv() {
                 f.encode(&mut buf);
             } else if let Ok(f) = data_rx.try_recv() {
@@ -794,12 +782,17 @@ async fn writer_loop<W>(
                 break;
             }
         }
-        if link.send_framed(Opcode::Binary, &mut buf).await.is_err() {
+        if sink
+            .send(Message::Binary(buf.split().freeze()))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     cancel.cancel();
-    let _ = link.close().await;
+    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.close().await;
 }
 
 impl MuxStream {

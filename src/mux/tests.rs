@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::session::MAX_LINK_MESSAGE;
-use super::ws::{End, WsLink};
+use super::session::ws_config;
 use super::*;
 
 async fn pair(config: MuxConfig) -> (Mux, Mux, tokio::sync::mpsc::Receiver<Incoming>) {
@@ -26,8 +25,8 @@ async fn pair_with(
     agent_config: MuxConfig,
 ) -> (Mux, Mux, tokio::sync::mpsc::Receiver<Incoming>) {
     let (a, b) = tokio::io::duplex(256 * 1024);
-    let wa = WsLink::new(a, &[], End::Client, MAX_LINK_MESSAGE);
-    let wb = WsLink::new(b, &[], End::Server, MAX_LINK_MESSAGE);
+    let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
+    let wb = WebSocketStream::from_raw_socket(b, WsRole::Server, Some(ws_config())).await;
     let (agent, incoming, _) = Mux::start(wa, Role::Agent, agent_config, CancellationToken::new());
     let (broker, _, _) = Mux::start(wb, Role::Broker, broker_config, CancellationToken::new());
     (broker, agent, incoming)
@@ -315,10 +314,8 @@ impl Raw {
 
 async fn raw_peer(config: MuxConfig) -> (Mux, tokio::sync::mpsc::Receiver<Incoming>, Raw) {
     let (a, b) = tokio::io::duplex(1 << 20);
-    // The hand-driven peer is tungstenite: every session test through it
-    // is also an interoperability test of our framing.
-    let wa = WsLink::new(a, &[], End::Client, MAX_LINK_MESSAGE);
-    let ws = WebSocketStream::from_raw_socket(b, WsRole::Server, None).await;
+    let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
+    let ws = WebSocketStream::from_raw_socket(b, WsRole::Server, Some(ws_config())).await;
     let (agent, incoming, _) = Mux::start(wa, Role::Agent, config, CancellationToken::new());
     let raw = Raw {
         ws,
