@@ -30,6 +30,16 @@
 //! updates; the records themselves, written before each open, stay, and
 //! are closed as `interrupted` at the next start like any open record.
 //!
+//! Deferred writes do not go through the channel: they are pushed on a
+//! list of their own, and only the push that finds it empty wakes the
+//! writer (to start the [`DEFER`] clock). Sent through the channel, each
+//! of them woke the writer thread only for it to go back to sleep: two
+//! futex wake-ups and two context switches per tunnel, most of the
+//! broker's futex calls at 64 concurrent setups. A commit takes the list
+//! first, then the channel's jobs: a deferred write was pushed before any
+//! waited-on write its caller sends next, so each caller's writes keep
+//! their order.
+//!
 //! Statement errors belong to their own operation (a finish of a record
 //! that is already closed is `NotFound` and changes nothing). If the
 //! transaction itself fails (disk full, I/O error), every operation in the
@@ -79,16 +89,20 @@ type Reply = Result<i64, StoreError>;
 struct Job {
     op: AuditOp,
     reply: Option<oneshot::Sender<Reply>>,
-    /// May wait up to [`DEFER`] for other writes to commit with.
-    defer: bool,
 }
 
 /// Handle on the writer thread. The thread ends when the last handle is
 /// dropped (its queue closes) after finishing what was queued.
 #[derive(Debug, Clone)]
 pub(super) struct AuditWriter {
-    tx: std_mpsc::Sender<Job>,
+    /// Waited-on jobs, and `None`: "the deferred list is no longer empty".
+    tx: std_mpsc::Sender<Option<Job>>,
+    deferred: Deferred,
 }
+
+/// The deferred list; `None` once the writer has stopped, so a deferred
+/// write fails instead of waiting forever.
+type Deferred = Arc<Mutex<Option<Vec<Job>>>>;
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,10 +136,18 @@ impl AuditWriter {
             dirty,
             ops: 0,
         };
+        let deferred = Arc::new(Mutex::new(Some(Vec::new())));
+        let queue = Queue {
+            rx,
+            deferred: deferred.clone(),
+        };
         std::thread::Builder::new()
             .name("maintgate-audit".into())
-            .spawn(move || run(&conn, &rx, wake))?;
-        Ok(AuditWriter { tx })
+            .spawn(move || {
+                let _stop = StopDeferred(&queue.deferred);
+                run(&conn, &queue, wake);
+            })?;
+        Ok(AuditWriter { tx, deferred })
     }
 
     /// Applies `op` in the next batch and waits for its commit.
@@ -141,14 +163,31 @@ impl AuditWriter {
 
     async fn submit(&self, op: AuditOp, defer: bool) -> Reply {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Job {
-                op,
-                reply: Some(reply),
-                defer,
-            })
-            .map_err(|_| stopped())?;
+        let job = Job {
+            op,
+            reply: Some(reply),
+        };
+        if defer {
+            self.defer(job).map_err(|_| stopped())?;
+        } else {
+            self.tx.send(Some(job)).map_err(|_| stopped())?;
+        }
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// Puts `job` on the deferred list; wakes the writer only if the list
+    /// was empty. Fails if the writer has stopped.
+    fn defer(&self, job: Job) -> Result<(), ()> {
+        let was_empty = {
+            let mut list = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            let list = list.as_mut().ok_or(())?;
+            list.push(job);
+            list.len() == 1
+        };
+        if was_empty {
+            self.tx.send(None).map_err(|_| ())?;
+        }
+        Ok(())
     }
 
     /// Queues a status update without waiting (deferred); a failure is
@@ -157,11 +196,26 @@ impl AuditWriter {
         let job = Job {
             op: AuditOp::SetStatus(id, status),
             reply: None,
-            defer: true,
         };
-        if self.tx.send(job).is_err() {
+        if self.defer(job).is_err() {
             tracing::warn!(id, "audit writer stopped: status not recorded");
         }
+    }
+}
+
+/// The writer's side of the queue.
+struct Queue {
+    rx: std_mpsc::Receiver<Option<Job>>,
+    deferred: Deferred,
+}
+
+/// Closes the deferred list when the writer thread ends, even by a panic:
+/// what is still on it is dropped (its waiters learn the writer stopped).
+struct StopDeferred<'a>(&'a Deferred);
+
+impl Drop for StopDeferred<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
     }
 }
 
@@ -215,40 +269,52 @@ fn checkpointer(conn: &Connection, wake: &std_mpsc::Receiver<()>, dirty: &Atomic
     }
 }
 
-fn run(conn: &Mutex<Connection>, rx: &std_mpsc::Receiver<Job>, mut wake: Wake) {
+fn run(conn: &Mutex<Connection>, queue: &Queue, mut wake: Wake) {
+    let mut waited = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // When the deferred writes waiting in `batch` must be committed.
+    // When the deferred writes on the list must be committed.
     let mut due: Option<Instant> = None;
     loop {
         let next = match due {
-            None => rx.recv().map_err(|_| true),
-            Some(t) => rx
+            None => queue.rx.recv().map_err(|_| true),
+            Some(t) => queue
+                .rx
                 .recv_timeout(t.saturating_duration_since(Instant::now()))
                 .map_err(|e| e == std_mpsc::RecvTimeoutError::Disconnected),
         };
         // Err(true): the queue closed; Err(false): `due` passed.
-        let closed = match next {
+        let mut closed = false;
+        match next {
             Ok(job) => {
-                batch.push(job);
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
+                waited.extend(job);
+                while waited.len() < MAX_BATCH {
+                    match queue.rx.try_recv() {
+                        Ok(job) => waited.extend(job),
+                        Err(std_mpsc::TryRecvError::Empty) => break,
+                        Err(std_mpsc::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
                     }
                 }
-                false
             }
-            Err(closed) => closed,
-        };
-        let wait = !closed
-            && batch.len() < MAX_BATCH
-            && batch.iter().all(|j| j.defer)
-            && due.is_none_or(|t| Instant::now() < t);
-        if wait {
+            Err(c) => closed = c,
+        }
+        if !closed && waited.is_empty() && due.is_none_or(|t| Instant::now() < t) {
+            // Only the deferred list has work: give it until `due`.
             due.get_or_insert_with(|| Instant::now() + DEFER);
             continue;
         }
         due = None;
+        if let Some(list) = queue
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            batch.append(list);
+        }
+        batch.append(&mut waited);
         if !batch.is_empty() {
             commit(conn, &mut batch, &mut wake);
         }
@@ -378,10 +444,9 @@ mod tests {
             reason: "closed".into(),
         };
         let (finish_tx, mut finish_rx) = oneshot::channel();
-        w.tx.send(Job {
+        w.defer(Job {
             op: AuditOp::Finish(id, end.clone()),
             reply: Some(finish_tx),
-            defer: true,
         })
         .unwrap();
         // The next insert's commit carries the finish: by the time the
