@@ -570,6 +570,40 @@ async fn curl_through_a_tunnel_is_audited_with_exact_bytes_both_ways() {
     .expect("timed out");
 }
 
+/// Most TLS clients (OpenSSL's among them) close a tunnel by closing the
+/// socket, without a TLS close_notify. That is an ordinary end: the
+/// target gets the bytes and then an EOF (not a reset), and the record
+/// says `closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_without_close_notify_ends_the_tunnel_cleanly() {
+    tokio::time::timeout(T, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            // Ok(0) is an EOF; a reset would be an Err and fail here.
+            s.read_to_end(&mut got).await.map(|_| got)
+        });
+        let stack = online(&[port]).await;
+        let mut tls = stack::open_tunnel(&stack, &format!("1234.{DOMAIN}:{port}")).await;
+        tls.write_all(b"last words").await.unwrap();
+        tls.flush().await.unwrap();
+        // Close the TCP connection under the TLS session: no close_notify.
+        let (tcp, _) = tls.into_inner();
+        drop(tcp);
+        let got = target.await.unwrap().expect("an EOF, not a reset");
+        assert_eq!(got, b"last words");
+
+        let admin = Admin::of(&stack);
+        let rec = audit_until(&admin, "kind=tunnel&customer=1234", |r| !r["end"].is_null()).await;
+        assert_eq!(rec["reason"], "closed", "{rec:#}");
+        assert_eq!(rec["bytes_client_to_target"], 10, "{rec:#}");
+    })
+    .await
+    .expect("timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connects_leave_records_with_their_status() {
     tokio::time::timeout(T, async {

@@ -147,10 +147,15 @@ where
             loop {
                 if pending.is_empty() {
                     buf.reserve(want);
-                    let n = rd
-                        .read_buf(&mut (&mut buf).limit(want))
-                        .await
-                        .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
+                    let n = match rd.read_buf(&mut (&mut buf).limit(want)).await {
+                        Ok(n) => n,
+                        // A TLS client that closes without close_notify
+                        // (most do, at the end of a tunnel): an ordinary
+                        // EOF. The tunnel's own protocol (SSH, TLS, RDP)
+                        // guards the end of its data, not this leg.
+                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                        Err(e) => return Err(RelayEnd::LocalError(e.to_string())),
+                    };
                     if n == want {
                         want = (want * 4).min(chunk);
                     } else if n < want / 8 {
