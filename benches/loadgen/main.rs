@@ -31,6 +31,7 @@ mod net;
 mod procfs;
 mod report;
 mod serve;
+mod verify;
 
 use std::path::PathBuf;
 

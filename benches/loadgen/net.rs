@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::verify::CachingVerifier;
+
 /// How to reach the target, shared by every client mode.
 #[derive(Args, Debug, Clone)]
 pub struct PathArgs {
@@ -38,9 +40,30 @@ pub struct PathArgs {
     /// TLS 1.3 handshake.
     #[arg(long)]
     pub no_resume: bool,
+    /// Verify the broker's chain on every handshake instead of reusing a
+    /// chain verified before (browsers reuse it; see `verify.rs`).
+    #[arg(long)]
+    pub no_verify_cache: bool,
     /// Send the CONNECT without TLS (a plain test mode of the broker).
     #[arg(long)]
     pub plain_connect: bool,
+}
+
+/// The standard chain verifier for roots read from `ca`.
+fn webpki_verifier(
+    ca: &std::path::Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)
+        .with_context(|| format!("reading {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("parsing {}", ca.display()))?)?;
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| anyhow!("certificate verifier: {e}"))
 }
 
 /// A ready-to-use dialer built from [`PathArgs`].
@@ -84,6 +107,14 @@ impl Dialer {
                         .map_err(|e| anyhow!("TLS client config: {e}"))?;
                     if p.no_resume {
                         cfg.resumption = rustls::client::Resumption::disabled();
+                    }
+                    if !p.no_verify_cache {
+                        let ca =
+                            p.ca.as_deref()
+                                .ok_or_else(|| anyhow!("the verification cache needs --ca"))?;
+                        let inner = webpki_verifier(ca, cfg.crypto_provider().clone())?;
+                        cfg.dangerous()
+                            .set_certificate_verifier(Arc::new(CachingVerifier::new(inner)));
                     }
                     let host = p.addr.rsplit_once(':').map_or(p.addr.as_str(), |(h, _)| h);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
