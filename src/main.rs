@@ -200,7 +200,11 @@ fn main() -> Result<()> {
                     broker.admin_addr(),
                     broker.state().admin_token().path().display()
                 );
-                broker.run(shutdown_signal()).await;
+                // The accept loop runs on a worker, not on this thread: a
+                // connection spawned from a worker starts in that worker's
+                // own queue; spawned from here, every one went through the
+                // shared queue and a futex wake-up of a worker.
+                tokio::spawn(broker.run(shutdown_signal())).await?;
                 Ok::<_, anyhow::Error>(())
             })?;
         }
