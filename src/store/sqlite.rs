@@ -37,10 +37,6 @@ use crate::secret::{is_token_hash, valid_user_name};
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bytes of the database file a reader maps (address space, not memory:
-/// only the pages read are touched).
-const READER_MMAP: i64 = 256 << 20;
-
 /// Schema migrations, in order. Never edit a released entry; append a new
 /// one instead.
 pub const MIGRATIONS: &[&str] = &[
@@ -191,10 +187,6 @@ fn open_readers(path: &Path) -> Result<Readers, StoreError> {
         )?;
         c.busy_timeout(BUSY_TIMEOUT)?;
         c.pragma_update(None, "query_only", true)?;
-        // Every commit (an audit write, on every tunnel) empties a
-        // reader's page cache; with the file mapped, reading the pages
-        // back costs no `pread` each (six per CONNECT lookup before).
-        c.pragma_update(None, "mmap_size", READER_MMAP)?;
         c.set_prepared_statement_cache_capacity(16);
         conns.push(Mutex::new(c));
     }
