@@ -518,6 +518,20 @@ pub fn render(input: &str, notes: &str, command: &str) -> String {
             "- /proc/loadavg: first run {first}; last run {last}; highest 1-minute load seen {peak:.2}"
         );
     }
+    let mut tw: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.get("mode").and_then(Value::as_str) == Some("setup"))
+        .filter_map(|r| r.get("tcp_timewait_start").and_then(Value::as_u64))
+        .collect();
+    tw.sort_unstable();
+    if let (Some(lo), Some(hi)) = (tw.first(), tw.last()) {
+        let _ = writeln!(
+            out,
+            "- TCP sockets in TIME_WAIT when a setup run started: {lo}–{hi} (median {}), \
+             left by earlier runs' connections",
+            tw[tw.len() / 2]
+        );
+    }
     let _ = writeln!(
         out,
         "\nMedians over rounds, range in parentheses. MB/s is 10^6 bytes/s of checked payload. \
