@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use crate::front::auth::AuthConfig;
 use crate::front::lockout::LockoutPolicy;
+use crate::mux::session::MAX_DEAD_AFTER;
 use crate::mux::MuxConfig;
 
 /// Errors reading or validating configuration.
@@ -326,6 +327,7 @@ impl BrokerFile {
                     .unwrap_or_else(|| l.window_bytes.unwrap_or(dm.window).max(dm.max_window)),
                 max_streams: l.max_streams_per_agent.unwrap_or(dm.max_streams),
                 ping_interval: ms(l.ping_interval_ms, dm.ping_interval),
+                beats_per_ping: dm.beats_per_ping,
                 dead_after: ms(l.dead_after_ms, dm.dead_after),
                 open_timeout: ms(l.open_timeout_ms, dm.open_timeout),
                 data_queue: dm.data_queue,
@@ -383,8 +385,11 @@ impl BrokerSettings {
         if self.mux.max_streams == 0 {
             return Err(inv("max_streams_per_agent", "must be at least 1"));
         }
-        if self.mux.dead_after <= self.mux.ping_interval {
-            return Err(inv("dead_after_ms", "must exceed ping_interval_ms"));
+        if self.mux.dead_after <= self.mux.ping_interval || self.mux.dead_after > MAX_DEAD_AFTER {
+            return Err(inv(
+                "dead_after_ms",
+                "must exceed ping_interval_ms and be at most 86400000 (a day)",
+            ));
         }
         Ok(())
     }

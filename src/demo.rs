@@ -465,6 +465,7 @@ async fn start_and_serve(
         max_streams: None,
         ping_interval_ms: None,
         dead_after_ms: None,
+        beats_per_ping: None,
         reconnect_min_ms: Some(100),
         reconnect_max_ms: Some(2_000),
         link_notsent_lowat_bytes: None,

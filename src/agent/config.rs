@@ -16,12 +16,16 @@
 //!
 //! Optional tunables: `dial_timeout_ms`, `window_bytes`,
 //! `max_window_bytes`, `max_streams`,
-//! `ping_interval_ms`, `dead_after_ms`, `reconnect_min_ms`,
+//! `ping_interval_ms`, `dead_after_ms`, `beats_per_ping` (one-way
+//! heartbeats per ping on a silent link), `reconnect_min_ms`,
 //! `reconnect_max_ms`, `link_notsent_lowat_bytes` (0: kernel default).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Most one-way heartbeats between two pings.
+const MAX_BEATS_PER_PING: u32 = 100;
 
 use serde::Deserialize;
 
@@ -52,6 +56,7 @@ pub struct AgentFile {
     pub max_streams: Option<usize>,
     pub ping_interval_ms: Option<u64>,
     pub dead_after_ms: Option<u64>,
+    pub beats_per_ping: Option<u32>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
     pub link_notsent_lowat_bytes: Option<u32>,
@@ -210,6 +215,7 @@ impl AgentSettings {
                 .unwrap_or_else(|| f.window_bytes.unwrap_or(dm.window).max(dm.max_window)),
             max_streams: f.max_streams.unwrap_or(dm.max_streams),
             ping_interval: ms(f.ping_interval_ms, dm.ping_interval),
+            beats_per_ping: f.beats_per_ping.unwrap_or(dm.beats_per_ping),
             dead_after: ms(f.dead_after_ms, dm.dead_after),
             open_timeout: dm.open_timeout,
             data_queue: dm.data_queue,
@@ -220,10 +226,12 @@ impl AgentSettings {
             || mux.max_window > 64 * 1024 * 1024
             || mux.max_streams == 0
             || mux.dead_after <= mux.ping_interval
+            || mux.dead_after > crate::mux::session::MAX_DEAD_AFTER
+            || mux.beats_per_ping > MAX_BEATS_PER_PING
         {
             return Err(ConfigError::Invalid {
-                field: "window_bytes/max_window_bytes/max_streams/dead_after_ms",
-                message: "window >= 16384, window <= max_window <= 64 MiB, max_streams >= 1, dead_after > ping_interval".into(),
+                field: "window_bytes/max_window_bytes/max_streams/dead_after_ms/beats_per_ping",
+                message: "window >= 16384, window <= max_window <= 64 MiB, max_streams >= 1, ping_interval < dead_after <= 1 day, beats_per_ping <= 100".into(),
             });
         }
         let reconnect_min = ms(f.reconnect_min_ms, Duration::from_secs(1));

@@ -117,7 +117,7 @@ pub async fn connect_and_serve(
         let tcp = TcpStream::connect((settings.broker_host.as_str(), settings.broker_port))
             .await
             .map_err(AgentError::Connect)?;
-        crate::mux::session::tune_link_socket(&tcp, settings.mux.notsent_lowat);
+        crate::mux::session::tune_link_socket(&tcp, &settings.mux);
         let name = rustls_pki_types::ServerName::try_from(settings.broker_host.clone())
             .map_err(|_| AgentError::ServerName(settings.broker_host.clone()))?;
         let tls = TlsConnector::from(tls_config)

@@ -74,7 +74,18 @@ pub struct MuxConfig {
     /// shorter by default, so a broker with 10,000 idle agents answers
     /// pings and runs no keepalive timers of its own.
     pub ping_interval: Duration,
-    /// A link that delivers nothing (not even a pong) for this long is dead.
+    /// One-way heartbeats (unsolicited pongs, RFC 6455 §5.5.3) sent per
+    /// `ping_interval` of silence before a ping. A heartbeat keeps the
+    /// NAT mapping and the peer's silence timer fresh at half the cost of
+    /// a ping (the peer answers nothing), and the kernel's ACK of it is
+    /// what proves the path (`TCP_USER_TIMEOUT`, see [`tune_link_socket`]);
+    /// the ping that follows them proves the peer's process still answers.
+    /// 0: every beat is a ping.
+    pub beats_per_ping: u32,
+    /// A link that delivers nothing (not even a pong) for this long is
+    /// dead; counted from the ping when `beats_per_ping` heartbeats came
+    /// first, so the wait for the pong stays `dead_after - ping_interval`.
+    /// Also the link socket's `TCP_USER_TIMEOUT`.
     pub dead_after: Duration,
     /// How long the broker waits for OPEN_OK / OPEN_ERR.
     pub open_timeout: Duration,
@@ -93,6 +104,7 @@ impl Default for MuxConfig {
             max_window: 256 * 1024,
             max_streams: 1024,
             ping_interval: BROKER_PING_AFTER,
+            beats_per_ping: 0,
             dead_after: Duration::from_secs(75),
             open_timeout: Duration::from_secs(15),
             data_queue: 4,
@@ -108,13 +120,22 @@ pub const BROKER_PING_AFTER: Duration = Duration::from_secs(45);
 /// firewall idle timeouts seen in the field, and the broker's
 /// `dead_after`.
 pub const AGENT_PING_AFTER: Duration = Duration::from_secs(30);
+/// The longest `dead_after` a configuration may set (timer arithmetic
+/// stays far from overflow below it).
+pub const MAX_DEAD_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The agent's one-way heartbeats between pings on a silent link: it pings
+/// every fourth beat (two minutes). A broker with 10,000 idle agents then
+/// reads 333 heartbeats a second and answers 83 of them.
+pub const AGENT_BEATS_PER_PING: u32 = 3;
 
 impl MuxConfig {
-    /// The agent's defaults: as [`MuxConfig::default`], but it pings first.
+    /// The agent's defaults: as [`MuxConfig::default`], but it beats first,
+    /// mostly one way.
     #[must_use]
     pub fn agent_default() -> MuxConfig {
         MuxConfig {
             ping_interval: AGENT_PING_AFTER,
+            beats_per_ping: AGENT_BEATS_PER_PING,
             ..MuxConfig::default()
         }
     }
@@ -140,16 +161,22 @@ const MAX_CREDIT: u64 = 64 * 1024 * 1024;
 /// brought an interactive echo's p99 beside it from 2.19 to 1.86 ms.
 pub const LINK_NOTSENT_LOWAT: u32 = 64 * 1024;
 
-/// Apply the agent-link socket options: no Nagle delay, and a cap of
-/// `notsent_lowat` unsent bytes in the kernel (0: none; best effort, logged
-/// if refused).
-pub fn tune_link_socket(tcp: &tokio::net::TcpStream, notsent_lowat: u32) {
+/// Apply the agent-link socket options (best effort, logged if refused):
+/// - no Nagle delay;
+/// - a cap of `notsent_lowat` unsent bytes in the kernel (0: none);
+/// - `TCP_USER_TIMEOUT` of `dead_after`: bytes (a heartbeat, say) left
+///   unacknowledged that long end the link with an error. One-way
+///   heartbeats rely on it to notice a path that died silently.
+pub fn tune_link_socket(tcp: &tokio::net::TcpStream, config: &MuxConfig) {
     let _ = tcp.set_nodelay(true);
-    if notsent_lowat == 0 {
-        return;
+    let sock = socket2::SockRef::from(tcp);
+    if config.notsent_lowat != 0 {
+        if let Err(e) = sock.set_tcp_notsent_lowat(config.notsent_lowat) {
+            tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not applied");
+        }
     }
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(notsent_lowat) {
-        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not applied");
+    if let Err(e) = sock.set_tcp_user_timeout(Some(config.dead_after)) {
+        tracing::debug!(error = %e, "TCP_USER_TIMEOUT not applied");
     }
 }
 
@@ -212,10 +239,14 @@ struct Shared {
     /// Bytes of DATA payload received and sent on this session.
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
-    /// The reader asks the writer for a ping (the link went quiet).
+    /// The reader asks the writer for a beat (the link went quiet) ...
     ping_wanted: tokio::sync::Notify,
+    /// ... and says here whether it is a ping (true) or a one-way pong.
+    beat_is_ping: std::sync::atomic::AtomicBool,
     /// Pings this end has sent.
     pings: AtomicU64,
+    /// One-way heartbeats this end has sent.
+    heartbeats: AtomicU64,
 }
 
 /// A handle to a session. Cheap to clone; the session lives until
@@ -311,6 +342,8 @@ impl Mux {
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             ping_wanted: tokio::sync::Notify::new(),
+            beat_is_ping: std::sync::atomic::AtomicBool::new(false),
+            heartbeats: AtomicU64::new(0),
             pings: AtomicU64::new(0),
         });
         let mux = Mux { shared };
@@ -436,6 +469,11 @@ impl Mux {
     /// Keepalive pings this end has sent.
     pub fn pings_sent(&self) -> u64 {
         self.shared.pings.load(Ordering::Relaxed)
+    }
+
+    /// One-way heartbeats (unsolicited pongs) this end has sent.
+    pub fn heartbeats_sent(&self) -> u64 {
+        self.shared.heartbeats.load(Ordering::Relaxed)
     }
 
     /// DATA payload bytes (received, sent) over the session's life.
@@ -692,24 +730,32 @@ where
 {
     let config = &mux.shared.config;
     let cancel = mux.shared.cancel.clone();
-    // Silence is measured from the last message: after `ping_interval` of
-    // it, ask for one ping; after `dead_after`, give up.
+    // Silence is measured from the last message. Each `ping_interval` of
+    // it sends a beat: `beats_per_ping` one-way heartbeats, then a ping,
+    // whose answer must come within `dead_after - ping_interval`.
+    let grace = config.dead_after.saturating_sub(config.ping_interval);
     let mut last = tokio::time::Instant::now();
-    let mut pinged = false;
+    let mut beats: u32 = 0;
+    let mut pinged_at: Option<tokio::time::Instant> = None;
     loop {
-        let wake = if pinged {
-            last + config.dead_after
-        } else {
-            last + config.ping_interval.min(config.dead_after)
+        let wake = match pinged_at {
+            Some(at) => at + grace,
+            None => last + config.ping_interval * (beats + 1),
         };
         let next = tokio::select! {
             _ = cancel.cancelled() => return SessionEnd::Closed,
             r = tokio::time::timeout_at(wake, stream.next()) => r,
         };
         let msg = match next {
-            Err(_) if pinged || last.elapsed() >= config.dead_after => return SessionEnd::Dead,
+            Err(_) if pinged_at.is_some() => return SessionEnd::Dead,
             Err(_) => {
-                pinged = true;
+                let ping = beats >= config.beats_per_ping;
+                if ping {
+                    pinged_at = Some(wake);
+                } else {
+                    beats += 1;
+                }
+                mux.shared.beat_is_ping.store(ping, Ordering::Relaxed);
                 mux.shared.ping_wanted.notify_one();
                 continue;
             }
@@ -718,7 +764,8 @@ where
             Ok(Some(Ok(m))) => m,
         };
         last = tokio::time::Instant::now();
-        pinged = false;
+        beats = 0;
+        pinged_at = None;
         match msg {
             Message::Binary(mut b) => loop {
                 match Frame::decode(&mut b) {
@@ -760,8 +807,14 @@ async fn writer_loop<Si>(
             f = ctl_rx.recv() => f,
             f = data_rx.recv() => f,
             () = mux.shared.ping_wanted.notified() => {
-                mux.shared.pings.fetch_add(1, Ordering::Relaxed);
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                let beat = if mux.shared.beat_is_ping.load(Ordering::Relaxed) {
+                    mux.shared.pings.fetch_add(1, Ordering::Relaxed);
+                    Message::Ping(Bytes::new())
+                } else {
+                    mux.shared.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    Message::Pong(Bytes::new())
+                };
+                if sink.send(beat).await.is_err() {
                     break;
                 }
                 continue;

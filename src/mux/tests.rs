@@ -32,24 +32,37 @@ async fn pair_with(
     (broker, agent, incoming)
 }
 
-/// An idle link with default settings: only the agent pings, once per
-/// `AGENT_PING_AFTER`; the broker hears those pings and never pings back;
-/// both stay up. Then a busy link pings nobody.
+/// An idle link with default settings: only the agent beats, once per
+/// `AGENT_PING_AFTER`, and only every fourth beat is a ping (the others
+/// are one-way heartbeats the broker does not answer); the broker hears
+/// them and never pings back; both stay up. Then a busy link beats not.
 #[tokio::test(start_paused = true)]
 async fn idle_link_is_kept_alive_by_the_agent_alone() {
     let (broker, agent, incoming) =
         pair_with(MuxConfig::default(), MuxConfig::agent_default()).await;
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(!broker.is_closed() && !agent.is_closed());
-    let n = agent.pings_sent();
-    assert!((19..=20).contains(&n), "agent pinged {n} times in 600 s");
-    assert_eq!(broker.pings_sent(), 0, "the broker kept hearing the agent");
+    let (pings, beats) = (agent.pings_sent(), agent.heartbeats_sent());
+    assert!(
+        (19..=20).contains(&(pings + beats)),
+        "agent beat {pings} + {beats} times in 600 s"
+    );
+    assert!(
+        (4..=5).contains(&pings),
+        "one ping in four beats, not {pings}"
+    );
+    assert_eq!(
+        broker.pings_sent() + broker.heartbeats_sent(),
+        0,
+        "the broker kept hearing the agent"
+    );
 
     // Traffic counts as life: a stream that talks every 20 s needs no ping.
     echo_agent(incoming);
     let stream = broker.open(Target::SelfPort(7)).await.unwrap();
     let (_relay, mut far) = relay_to_duplex(stream, 1024);
     let before = agent.pings_sent();
+    let beats = agent.heartbeats_sent();
     for _ in 0..10 {
         far.write_all(b"x").await.unwrap();
         let mut b = [0u8; 1];
@@ -57,7 +70,40 @@ async fn idle_link_is_kept_alive_by_the_agent_alone() {
         tokio::time::sleep(Duration::from_secs(20)).await;
     }
     assert_eq!(agent.pings_sent(), before, "a busy link does not ping");
+    assert_eq!(agent.heartbeats_sent(), beats, "nor beat");
     assert_eq!(broker.pings_sent(), 0);
+}
+
+/// An agent whose broker reads but never answers (a hung process behind a
+/// live kernel) declares the link dead: its heartbeats need no answer,
+/// but the ping after them does, within `dead_after - ping_interval`.
+#[tokio::test(start_paused = true)]
+async fn an_agent_declares_a_link_dead_when_its_ping_goes_unanswered() {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let wa = WebSocketStream::from_raw_socket(a, WsRole::Client, Some(ws_config())).await;
+    let config = MuxConfig::agent_default();
+    let (agent, _incoming, ended) =
+        Mux::start(wa, Role::Agent, config.clone(), CancellationToken::new());
+    // The broker end: reads everything, answers nothing (no pong either,
+    // since tungstenite only flushes its pong when the stream is written).
+    let (mut rd, _wr) = tokio::io::split(b);
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while rd.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+    });
+    let t0 = tokio::time::Instant::now();
+    let end = ended.await.expect("session end reported");
+    let took = t0.elapsed();
+    let expect = config.ping_interval * (config.beats_per_ping + 1) + config.dead_after
+        - config.ping_interval;
+    assert!(matches!(end, SessionEnd::Dead), "{end:?}");
+    assert!(
+        took >= expect && took <= expect + Duration::from_secs(1),
+        "dead after {took:?}, expected {expect:?}"
+    );
+    assert_eq!(agent.pings_sent(), 1);
+    assert_eq!(agent.heartbeats_sent(), u64::from(config.beats_per_ping));
+    drain.abort();
 }
 
 /// A peer that pings later than our `dead_after` is heard too late: we
@@ -74,7 +120,7 @@ async fn the_broker_pings_an_agent_that_stays_silent() {
     assert!(!broker.is_closed() && !agent.is_closed());
     let n = broker.pings_sent();
     assert!((9..=10).contains(&n), "broker pinged {n} times in 450 s");
-    assert_eq!(agent.pings_sent(), 0);
+    assert_eq!(agent.pings_sent() + agent.heartbeats_sent(), 0);
 }
 
 /// Relay `stream` to an in-memory socket of `capacity` bytes; returns the
