@@ -12,7 +12,9 @@
 # Paths compared: direct (loadgen → target), socat2 (two chained socat
 # relays, the practical ceiling), maintgate (TLS client leg + CONNECT, the
 # broker, the WSS agent link, the agent), maintgate-resume (setup only: TLS
-# session resumed), rathole and bore (built by benches/build-peers.sh into
+# session resumed), maintgate-plain (the same product path with both legs
+# plain: the broker's loopback-only plain_test_listen and a second agent on
+# ws://; BENCH_PLAIN=0 leaves it out), rathole and bore (built by benches/build-peers.sh into
 # benches/peers; skipped with a note when missing).
 #
 # Writes benches/results/<date>.md (the table) and <date>.jsonl (every
@@ -50,6 +52,10 @@ fi
 ROUNDS=${BENCH_ROUNDS:-$ROUNDS}; TUNNELS=${BENCH_TUNNELS:-$TUNNELS}
 AGENTS=${BENCH_AGENTS:-$AGENTS}; IDLE_SECS=${BENCH_IDLE_SECS:-$IDLE_SECS}
 SEQ=${BENCH_SEQ:-$SEQ}; C64=${BENCH_C64:-$C64}
+# BENCH_PLAIN=0 leaves out the "maintgate-plain" path (the broker's
+# loopback plain test listener and a second agent on ws://).
+PLAIN=${BENCH_PLAIN:-1}
+[ -n "${BENCH_INNER:-}" ] && PLAIN=0
 
 # MAINTGATE_BIN: another maintgate binary to measure (a before/after
 # comparison); the default is this tree's release build.
@@ -145,8 +151,8 @@ fi
 
 read -r P_ECHO P_SINK P_SOURCE P_IPERF P_BROKER P_ADMIN \
         S_ECHO1 S_ECHO2 S_SINK1 S_SINK2 S_SRC1 S_SRC2 S_IPERF1 S_IPERF2 \
-        R_CTL R_ECHO R_SINK R_SRC B_ECHO B_SINK B_SRC P_ENTRY \
-        < <("$LG" ports 22 | tr '\n' ' '; echo)
+        R_CTL R_ECHO R_SINK R_SRC B_ECHO B_SINK B_SRC P_ENTRY P_PLAIN \
+        < <("$LG" ports 23 | tr '\n' ' '; echo)
 
 # --------------------------------------------------------------- topology
 start_targets() {
@@ -162,6 +168,8 @@ admin_listen = "127.0.0.1:$P_ADMIN"
 domain = "$DOMAIN"
 data_dir = "$WORK/data"
 certs_dir = "$WORK/certs"
+# The "maintgate-plain" path: CONNECT and a second agent's link, no TLS.
+plain_test_listen = "127.0.0.1:$P_PLAIN"
 [limits]
 max_connections = 19000
 max_connections_per_source = 19000
@@ -195,10 +203,12 @@ start_agent() {
 }
 
 # A new broker and agent, so a scale scenario's memory figures are not
-# skewed by heap the earlier scenarios left behind.
+# skewed by heap the earlier scenarios left behind (the plain path's agent
+# is not restarted: the scale scenarios count one agent).
 fresh_broker_and_agent() {
-  kill -TERM "$AGENT_PID" "$BROKER_PID" 2>/dev/null || true
-  wait "$AGENT_PID" "$BROKER_PID" 2>/dev/null || true
+  kill -TERM "$AGENT_PID" "$BROKER_PID" ${AGENT_PLAIN_PID:-} 2>/dev/null || true
+  wait "$AGENT_PID" "$BROKER_PID" ${AGENT_PLAIN_PID:-} 2>/dev/null || true
+  AGENT_PLAIN_PID=
   start_broker
   start_agent
 }
@@ -223,6 +233,18 @@ EOF
   [ -n "${BENCH_LOWAT:-}" ] && echo "link_notsent_lowat_bytes = $BENCH_LOWAT" >> "$WORK/agent.toml"
   [ -n "${BENCH_MAX_WINDOW:-}" ] && echo "max_window_bytes = $BENCH_MAX_WINDOW" >> "$WORK/agent.toml"
   start_agent
+  PLAIN_PATH=""
+  if [ "$PLAIN" = 1 ]; then
+    # A second system of the same customer, its agent on ws:// to the
+    # plain test listener: the product path with both legs plain.
+    "$MG" --data-dir "$WORK/data" system add 1234 plain | tail -n 1 > "$WORK/agent-plain.token"
+    sed -e "s|^broker = .*|broker = \"ws://127.0.0.1:$P_PLAIN/agent\"|" \
+        -e "s|^token_file = .*|token_file = \"$WORK/agent-plain.token\"|" "$WORK/agent.toml" > "$WORK/agent-plain.toml"
+    spawn agent-plain env $MG_AGENT_ENV "$MG" agent --config "$WORK/agent-plain.toml"
+    AGENT_PLAIN_PID=$LAST
+    "$LG" metric --admin "127.0.0.1:$P_ADMIN" --at-least 2 --timeout 20 > /dev/null
+    PLAIN_PATH=maintgate-plain
+  fi
   # socat: two chained relays per target.
   local pair
   for pair in "$S_ECHO1 $S_ECHO2 $P_ECHO" "$S_SINK1 $S_SINK2 $P_SINK" "$S_SRC1 $S_SRC2 $P_SOURCE" "$S_IPERF1 $S_IPERF2 $P_IPERF"; do
@@ -232,7 +254,7 @@ EOF
     spawn socat socat "TCP-LISTEN:$2,bind=127.0.0.1,reuseaddr,fork,backlog=1024" "TCP:127.0.0.1:$3,nodelay"
   done
   start_peers
-  PATHS="direct socat2 maintgate $HAVE_PEERS"
+  PATHS="direct socat2 maintgate $PLAIN_PATH $HAVE_PEERS"
   log "stack up: broker $BROKER_PID agent $AGENT_PID, paths: $PATHS"
 }
 
@@ -323,6 +345,7 @@ hop() {
     socat2) echo "127.0.0.1:$s1" ;;
     rathole) echo "127.0.0.1:$r" ;;
     bore) echo "127.0.0.1:$b" ;;
+    maintgate-plain) echo "127.0.0.1:$P_PLAIN 1234-plain.$DOMAIN:$port" ;;
     maintgate*) echo "localhost:$P_BROKER 1234.$DOMAIN:$port" ;;
   esac
 }
@@ -336,6 +359,8 @@ path_args() {
   # "maintgate": a full TLS 1.3 handshake per connection, as a new
   # client makes; "maintgate-resume": the session is resumed.
   [ "$1" = maintgate ] && printf -- ' --no-resume'
+  # "maintgate-plain": the broker's plain test listener, no TLS at all.
+  [ "$1" = maintgate-plain ] && printf -- ' --plain-connect'
   echo
 }
 
@@ -352,6 +377,7 @@ bulk_args() {
 watch_for() {
   local w="target=$TARGET_PID"
   case $1 in
+    maintgate-plain) w="$w,broker=$BROKER_PID,agent=$AGENT_PLAIN_PID" ;;
     maintgate*) w="$w,broker=$BROKER_PID,agent=$AGENT_PID" ;;
     socat2) ;; # socat forks per connection; its children are not watched
     rathole) w="$w,rathole_server=$RATHOLE_S,rathole_client=$RATHOLE_C" ;;

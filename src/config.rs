@@ -9,6 +9,7 @@
 //! certs_dir = "certs"
 //! public_port = 6443          # the port the PAC and connect-info name
 //! audit_retention_days = 0    # delete closed audit records older than this; 0 keeps all
+//! # plain_test_listen = "127.0.0.1:6480"  # benchmarks only: no TLS, loopback only
 //! [limits]
 //! handshake_timeout_ms = 10000
 //! head_timeout_ms = 10000
@@ -60,6 +61,7 @@ pub struct BrokerFile {
     pub certs_dir: Option<PathBuf>,
     pub public_port: Option<u16>,
     pub audit_retention_days: Option<u32>,
+    pub plain_test_listen: Option<SocketAddr>,
     #[serde(default)]
     pub limits: LimitsFile,
 }
@@ -181,6 +183,11 @@ pub struct BrokerSettings {
     pub limits: Limits,
     /// Agent-link tunables.
     pub mux: MuxConfig,
+    /// A second listener that serves the proxy port's requests without
+    /// TLS: the benchmark's "both legs plain" path. Loopback addresses
+    /// only, so credentials and tunnel bytes never cross a network in
+    /// the clear; `None` (the default) binds nothing.
+    pub plain_test_listen: Option<SocketAddr>,
 }
 
 impl Default for BrokerSettings {
@@ -195,6 +202,7 @@ impl Default for BrokerSettings {
             audit_retention: None,
             limits: Limits::default(),
             mux: MuxConfig::default(),
+            plain_test_listen: None,
         }
     }
 }
@@ -264,6 +272,7 @@ impl BrokerFile {
         let dm = MuxConfig::default();
         let settings = BrokerSettings {
             listen: self.listen.unwrap_or(d.listen),
+            plain_test_listen: self.plain_test_listen,
             admin_listen: self.admin_listen.unwrap_or(d.admin_listen),
             domain: normalize_domain(self.domain.as_deref().unwrap_or(&d.domain))?,
             data_dir: self.data_dir.unwrap_or(d.data_dir),
@@ -349,6 +358,14 @@ impl BrokerSettings {
             field,
             message: message.into(),
         };
+        if let Some(a) = self.plain_test_listen {
+            if !a.ip().is_loopback() {
+                return Err(inv(
+                    "plain_test_listen",
+                    "must be a loopback address (127.0.0.0/8 or ::1): it serves without TLS",
+                ));
+            }
+        }
         let l = &self.limits;
         if l.max_tunnels == 0
             || l.max_tunnels_per_account == 0
@@ -403,6 +420,23 @@ impl BrokerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_test_listener_is_loopback_only() {
+        for (addr, ok) in [
+            ("127.0.0.1:6480", true),
+            ("127.0.0.2:0", true),
+            ("[::1]:6480", true),
+            ("0.0.0.0:6480", false),
+            ("10.0.0.1:6480", false),
+            ("[::]:6480", false),
+        ] {
+            let f: BrokerFile = toml::from_str(&format!("plain_test_listen = \"{addr}\"")).unwrap();
+            assert_eq!(f.into_settings().is_ok(), ok, "{addr}");
+        }
+        let f: BrokerFile = toml::from_str("").unwrap();
+        assert_eq!(f.into_settings().unwrap().plain_test_listen, None);
+    }
 
     #[test]
     fn defaults_and_overrides() {

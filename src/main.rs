@@ -195,6 +195,9 @@ fn main() -> Result<()> {
             rt.block_on(async {
                 let broker = Broker::bind(settings).await?;
                 println!("maintgate: listening on {}", broker.local_addr());
+                if let Some(plain) = broker.plain_addr() {
+                    println!("maintgate: plain test listener (no TLS) on {plain}");
+                }
                 println!(
                     "maintgate: admin API on {} (bearer token in {})",
                     broker.admin_addr(),

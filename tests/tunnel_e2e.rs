@@ -218,3 +218,65 @@ async fn half_close_still_delivers_the_whole_reply() {
     .await
     .expect("timed out");
 }
+
+/// The benchmark's "both legs plain" path, with real clients: the broker's
+/// loopback-only plain listener takes the agent's `ws://` link and an
+/// OpenSSH session through proxytunnel without `-E`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_test_listener_carries_ssh_with_both_legs_plain() {
+    require_tool("proxytunnel");
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = stack::test_settings(dir.path());
+    settings.plain_test_listen = Some("127.0.0.1:0".parse().unwrap());
+    let stack = Stack::start_with(dir, settings).await;
+    let plain = stack.plain.expect("plain listener bound");
+    let token = stack.add_system("1234", "ipo1", true).await;
+    let file: maintgate::agent::config::AgentFile =
+        toml::from_str("reconnect_min_ms = 50\nreconnect_max_ms = 500\n").unwrap();
+    let mut agent = maintgate::agent::AgentSettings::from_parts(
+        file,
+        format!("ws://127.0.0.1:{}/agent", plain.port()),
+        maintgate::secret::Secret::new(token),
+        None,
+    )
+    .unwrap();
+    assert!(!agent.broker_tls);
+    agent.policy = stack::services(&[sshd.port()]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let link = tokio::spawn(maintgate::agent::run(agent, cancel.clone()));
+    stack.wait_agent("1234", "ipo1").await;
+
+    let mut ssh = tokio::process::Command::new(require_tool("ssh"));
+    ssh.args(sshd.ssh_base_args())
+        .arg("-o")
+        .arg(format!(
+            "ProxyCommand=proxytunnel -q -p 127.0.0.1:{} -P {}:{} -d %h:%p",
+            plain.port(),
+            stack::USER,
+            stack::PASS
+        ))
+        .arg("-p")
+        .arg(sshd.port().to_string())
+        .arg(format!("root@1234.{DOMAIN}"))
+        .arg("echo plain-$((40+2))");
+    let out = run(&mut ssh).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "plain-42",
+        "status {:?}\nstdout {stdout}\nstderr {}\nsshd log {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
+
+    // The plain listener still asks for credentials: no account, no tunnel.
+    let mut tcp = tokio::net::TcpStream::connect(plain).await.unwrap();
+    tcp.write_all(format!("CONNECT 1234.{DOMAIN}:{} HTTP/1.1\r\n\r\n", sshd.port()).as_bytes())
+        .await
+        .unwrap();
+    let head = stack::read_response_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    cancel.cancel();
+    let _ = link.await;
+}

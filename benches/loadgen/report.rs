@@ -360,6 +360,14 @@ fn targets(out: &mut String, recs: &[Rec]) {
         "> 1×".into(),
         pct(one, rat).map(|r| r > 1.0),
     ));
+    if let Some(plain) = pct(med("bulk1", "maintgate-plain", "mbyte_s"), direct) {
+        rows.push((
+            "1. one stream, both legs plain (test mode) ≥ 40% of direct".into(),
+            format!("{:.0}%", 100.0 * plain),
+            "≥ 40%".into(),
+            Some(plain >= 0.40),
+        ));
+    }
     let eight = med("bulk8", "maintgate", "mbyte_s");
     rows.push((
         "2. eight streams ≥ 0.9× one".into(),

@@ -79,6 +79,9 @@ pub struct AgentSettings {
     pub broker_host: String,
     /// Port part of `broker`.
     pub broker_port: u16,
+    /// `wss://` (always, but for a `ws://` link to a loopback test
+    /// listener).
+    pub broker_tls: bool,
     /// CA to trust instead of the system roots.
     pub ca: Option<PathBuf>,
     /// The agent token (never logged).
@@ -96,18 +99,25 @@ pub struct AgentSettings {
     pub reconnect_max: Duration,
 }
 
-/// Split `wss://host[:port]/path` into host and port.
+/// Split `wss://host[:port]/path` into host, port and `true` (TLS); or
+/// `ws://<loopback IP>:port/path`, the broker's plain test listener, into
+/// host, port and `false`. A plain link to any other host is refused: the
+/// token and every tunnel's bytes would cross a network in the clear.
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] for another scheme or a malformed URL.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), ConfigError> {
+pub fn parse_broker_link(url: &str) -> Result<(String, u16, bool), ConfigError> {
     let inv = |m: &str| ConfigError::Invalid {
         field: "broker",
         message: format!("{m}: expected wss://host:port/agent"),
     };
-    let rest = url
-        .strip_prefix("wss://")
-        .ok_or_else(|| inv("scheme must be wss"))?;
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("wss://") {
+        (rest, true)
+    } else if let Some(rest) = url.strip_prefix("ws://") {
+        (rest, false)
+    } else {
+        return Err(inv("scheme must be wss"));
+    };
     let authority = rest.split('/').next().unwrap_or("");
     if authority.is_empty() || authority.contains('@') {
         return Err(inv("missing host"));
@@ -132,7 +142,12 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16), ConfigError> {
     if host.is_empty() {
         return Err(inv("missing host"));
     }
-    Ok((host, port))
+    if !tls && !host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        return Err(inv(
+            "ws:// (no TLS) is for a broker's plain test listener on this machine: the host must be a loopback IP",
+        ));
+    }
+    Ok((host, port, tls))
 }
 
 impl AgentSettings {
@@ -188,7 +203,7 @@ impl AgentSettings {
         token: Secret,
         ca: Option<PathBuf>,
     ) -> Result<AgentSettings, ConfigError> {
-        let (broker_host, broker_port) = parse_broker_url(&broker)?;
+        let (broker_host, broker_port, broker_tls) = parse_broker_link(&broker)?;
         if token.expose().is_empty() || token.expose().len() > 128 {
             return Err(ConfigError::Invalid {
                 field: "token_file",
@@ -240,6 +255,7 @@ impl AgentSettings {
             broker,
             broker_host,
             broker_port,
+            broker_tls,
             ca,
             token,
             self_address: f
@@ -275,26 +291,38 @@ mod tests {
     #[test]
     fn broker_urls() {
         assert_eq!(
-            parse_broker_url("wss://maint.example.com:6443/agent").unwrap(),
-            ("maint.example.com".into(), 6443)
+            parse_broker_link("wss://maint.example.com:6443/agent").unwrap(),
+            ("maint.example.com".into(), 6443, true)
         );
         assert_eq!(
-            parse_broker_url("wss://127.0.0.1/agent").unwrap(),
-            ("127.0.0.1".into(), 443)
+            parse_broker_link("wss://127.0.0.1/agent").unwrap(),
+            ("127.0.0.1".into(), 443, true)
         );
         assert_eq!(
-            parse_broker_url("wss://[::1]:7/agent").unwrap(),
-            ("::1".into(), 7)
+            parse_broker_link("wss://[::1]:7/agent").unwrap(),
+            ("::1".into(), 7, true)
+        );
+        // Plain links: only to a loopback IP (a test listener).
+        assert_eq!(
+            parse_broker_link("ws://127.0.0.1:6480/agent").unwrap(),
+            ("127.0.0.1".into(), 6480, false)
+        );
+        assert_eq!(
+            parse_broker_link("ws://[::1]:6480/agent").unwrap(),
+            ("::1".into(), 6480, false)
         );
         for bad in [
             "ws://x/agent",
+            "ws://localhost:6480/agent",
+            "ws://10.0.0.1:6480/agent",
+            "ws://maint.example.com/agent",
             "https://x",
             "wss://",
             "wss://x:0/",
             "wss://u@x/",
             "wss://x:99999/",
         ] {
-            assert!(parse_broker_url(bad).is_err(), "{bad}");
+            assert!(parse_broker_link(bad).is_err(), "{bad}");
         }
     }
 

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -112,44 +113,81 @@ pub async fn connect_and_serve(
     settings: Arc<AgentSettings>,
     cancel: CancellationToken,
 ) -> Result<SessionEnd, AgentError> {
-    let tls_config = Arc::new(crate::tls::client_config(settings.ca.as_deref())?);
-    let ws = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = TcpStream::connect((settings.broker_host.as_str(), settings.broker_port))
+    let tls_config = match settings.broker_tls {
+        true => Some(Arc::new(crate::tls::client_config(settings.ca.as_deref())?)),
+        false => None,
+    };
+    // One deadline for TCP, TLS, the upgrade and the HELLO together.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let timeout = |_| AgentError::Timeout;
+    let tcp = tokio::time::timeout_at(
+        deadline,
+        TcpStream::connect((settings.broker_host.as_str(), settings.broker_port)),
+    )
+    .await
+    .map_err(timeout)?
+    .map_err(AgentError::Connect)?;
+    crate::mux::session::tune_link_socket(&tcp, &settings.mux);
+    let Some(tls_config) = tls_config else {
+        // `ws://`: only ever to a loopback test listener (see
+        // `parse_broker_link`).
+        let ws = tokio::time::timeout_at(deadline, open_link(tcp, &settings))
             .await
-            .map_err(AgentError::Connect)?;
-        crate::mux::session::tune_link_socket(&tcp, &settings.mux);
+            .map_err(timeout)??;
+        return Ok(serve_link(ws, settings, cancel).await);
+    };
+    let ws = tokio::time::timeout_at(deadline, async {
         let name = rustls_pki_types::ServerName::try_from(settings.broker_host.clone())
             .map_err(|_| AgentError::ServerName(settings.broker_host.clone()))?;
         let tls = TlsConnector::from(tls_config)
             .connect(name, tcp)
             .await
             .map_err(AgentError::Connect)?;
-        let mut req = settings
-            .broker
-            .as_str()
-            .into_client_request()
-            .map_err(|e| AgentError::Handshake(e.to_string()))?;
-        let auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
-            .map_err(|_| AgentError::Handshake("token has invalid characters".into()))?;
-        req.headers_mut().insert("authorization", auth);
-        let (mut ws, _resp) =
-            tokio_tungstenite::client_async_with_config(req, tls, Some(ws_config()))
-                .await
-                .map_err(|e| AgentError::Handshake(e.to_string()))?;
-        let hello = Hello {
-            version: VERSION.to_string(),
-            policy: settings.policy.clone(),
-        };
-        let json = serde_json::to_vec(&hello).map_err(|e| AgentError::Handshake(e.to_string()))?;
-        let mut buf = BytesMut::new();
-        Frame::Hello(Bytes::from(json)).encode(&mut buf);
-        ws.send(Message::Binary(buf.freeze()))
-            .await
-            .map_err(|e| AgentError::Handshake(e.to_string()))?;
-        Ok::<_, AgentError>(ws)
+        open_link(tls, &settings).await
     })
     .await
-    .map_err(|_| AgentError::Timeout)??;
+    .map_err(timeout)??;
+    Ok(serve_link(ws, settings, cancel).await)
+}
+
+/// The WebSocket upgrade with the token, then the HELLO.
+async fn open_link<S>(io: S, settings: &AgentSettings) -> Result<WebSocketStream<S>, AgentError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = settings
+        .broker
+        .as_str()
+        .into_client_request()
+        .map_err(|e| AgentError::Handshake(e.to_string()))?;
+    let auth = HeaderValue::from_str(&format!("Bearer {}", settings.token.expose()))
+        .map_err(|_| AgentError::Handshake("token has invalid characters".into()))?;
+    req.headers_mut().insert("authorization", auth);
+    let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(req, io, Some(ws_config()))
+        .await
+        .map_err(|e| AgentError::Handshake(e.to_string()))?;
+    let hello = Hello {
+        version: VERSION.to_string(),
+        policy: settings.policy.clone(),
+    };
+    let json = serde_json::to_vec(&hello).map_err(|e| AgentError::Handshake(e.to_string()))?;
+    let mut buf = BytesMut::new();
+    Frame::Hello(Bytes::from(json)).encode(&mut buf);
+    ws.send(Message::Binary(buf.freeze()))
+        .await
+        .map_err(|e| AgentError::Handshake(e.to_string()))?;
+    Ok(ws)
+}
+
+/// Serve streams over an established link until the session ends.
+async fn serve_link<S>(
+    ws: WebSocketStream<S>,
+    settings: Arc<AgentSettings>,
+    cancel: CancellationToken,
+) -> SessionEnd
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     info!(broker = %settings.broker, "connected to broker");
     let (mux, mut incoming, done) =
         Mux::start(ws, Role::Agent, settings.mux.clone(), cancel.clone());
@@ -167,7 +205,7 @@ pub async fn connect_and_serve(
     }
     let end = done.await.unwrap_or(SessionEnd::Closed);
     streams.cancel();
-    Ok(end)
+    end
 }
 
 /// Check, dial and relay one stream.

@@ -170,7 +170,7 @@ async fn establish(
         return None;
     }
     let peer = conn.peer;
-    crate::mux::session::tune_link_socket(conn.io.get_ref().0, &state.settings.mux);
+    crate::mux::session::tune_link_socket(conn.io.tcp(), &state.settings.mux);
     let leftover = conn.buf.split().to_vec();
     let mut ws =
         WebSocketStream::from_partially_read(conn.io, leftover, WsRole::Server, Some(ws_config()))

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::BrokerSettings;
 use crate::front::auth::Authenticator;
+use crate::front::conn::Transport;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 use crate::tls::{self, CertPaths, CertResolver, TlsError};
@@ -215,6 +216,8 @@ pub struct Broker {
     admin_listener: TcpListener,
     /// Its bound address (tests bind port 0).
     admin_addr: SocketAddr,
+    /// The loopback test listener without TLS, when configured.
+    plain_listener: Option<TcpListener>,
     /// Held until [`Broker::run`] has drained.
     data_lock: DataDirLock,
 }
@@ -272,6 +275,18 @@ impl Broker {
             .await
             .map_err(admin_bind)?;
         let admin_addr = admin_listener.local_addr().map_err(admin_bind)?;
+        let plain_listener = match settings.plain_test_listen {
+            None => None,
+            Some(addr) => {
+                let bind = |source| BrokerError::Bind { addr, source };
+                let l = TcpListener::bind(addr).await.map_err(bind)?;
+                warn!(
+                    addr = %l.local_addr().map_err(bind)?,
+                    "plain test listener: CONNECT and agent links WITHOUT TLS (loopback only; for benchmarks)"
+                );
+                Some(l)
+            }
+        };
         // Computed now, so the first unknown-user login does not pay for it.
         let _ = crate::secret::dummy_hash();
         let pac = crate::pac::render(
@@ -310,8 +325,16 @@ impl Broker {
             local_addr,
             admin_listener,
             admin_addr,
+            plain_listener,
             data_lock,
         })
+    }
+
+    /// The plain test listener's address, when configured.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// The bound proxy address.
@@ -337,13 +360,12 @@ impl Broker {
             state,
             listener,
             admin_listener,
+            plain_listener,
             data_lock,
             ..
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let permits = state.conn_permits.clone();
-        let per_source = SourceCounts::new(state.settings.limits.max_connections_per_source);
         tracker.spawn(tls::watch_certs(
             state.cert_paths.clone(),
             state.resolver.clone(),
@@ -365,42 +387,19 @@ impl Broker {
         if let Some(keep) = state.settings.audit_retention {
             tracker.spawn(audit_retention(state.clone(), keep, cancel.clone()));
         }
-        tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = &mut shutdown => break,
-            };
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = &mut shutdown => break,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    let Some(source_slot) = per_source.admit(peer.ip()) else {
-                        // Over the per-source cap: close before any TLS work.
-                        debug!(%peer, "connection refused: too many from this source");
-                        drop(tcp);
-                        continue;
-                    };
-                    let state = state.clone();
-                    let cancel = cancel.child_token();
-                    tracker.spawn(async move {
-                        crate::front::conn::serve(state, tcp, peer, cancel).await;
-                        drop(source_slot);
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
+        let accepting = Accepting {
+            state: state.clone(),
+            permits: state.conn_permits.clone(),
+            per_source: SourceCounts::new(state.settings.limits.max_connections_per_source),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        };
+        if let Some(plain) = plain_listener {
+            let a = accepting.clone();
+            let stop = cancel.clone().cancelled_owned();
+            tracker.spawn(async move { a.run(plain, Transport::Plain, stop).await });
         }
+        let listener = accepting.run(listener, Transport::Tls, shutdown).await;
         drop(listener);
         info!("shutting down: draining connections");
         cancel.cancel();
@@ -422,6 +421,66 @@ impl Broker {
         // Tunnels have written their records' ends: another broker may
         // take the directory now.
         drop(data_lock);
+    }
+}
+
+/// What an accept loop needs; one per listener, sharing the caps.
+#[derive(Clone)]
+struct Accepting {
+    state: Arc<BrokerState>,
+    permits: Arc<Semaphore>,
+    per_source: SourceCounts,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Accepting {
+    /// Accept on `listener` until `stop` resolves; each connection gets a
+    /// permit, a per-source slot and its own task. Returns the listener,
+    /// so the caller decides when the port closes.
+    async fn run(
+        &self,
+        listener: TcpListener,
+        transport: Transport,
+        stop: impl Future<Output = ()>,
+    ) -> TcpListener {
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                p = self.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut stop => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = &mut stop => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let Some(source_slot) = self.per_source.admit(peer.ip()) else {
+                        // Over the per-source cap: close before any TLS work.
+                        debug!(%peer, "connection refused: too many from this source");
+                        drop(tcp);
+                        continue;
+                    };
+                    let state = self.state.clone();
+                    let cancel = self.cancel.child_token();
+                    self.tracker.spawn(async move {
+                        crate::front::conn::serve(state, tcp, peer, transport, cancel).await;
+                        drop(source_slot);
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        listener
     }
 }
 

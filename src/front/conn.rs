@@ -13,12 +13,12 @@ use std::time::{Instant, SystemTime};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::basic::decode_basic;
 use super::head::{parse_head, HeadError, Limits as HeadLimits, RequestHead};
+use super::io::ClientIo;
 use super::status::{rescue, FrontError, ESTABLISHED};
 use crate::broker::BrokerState;
 use crate::dest::{parse_target, Destination};
@@ -29,8 +29,8 @@ use crate::registry::{AgentSession, TunnelInfo};
 
 /// A client connection after the TLS handshake.
 pub struct Conn {
-    /// The TLS stream.
-    pub io: TlsStream<TcpStream>,
+    /// The TLS stream (plain TCP on the loopback test listener).
+    pub io: ClientIo,
     /// Bytes read but not yet consumed (the rest of a read after a head).
     pub buf: BytesMut,
     /// The client's address.
@@ -91,35 +91,50 @@ impl Conn {
     }
 }
 
+/// How a listener's connections start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The proxy port: a TLS handshake first.
+    Tls,
+    /// The loopback-only test listener (`plain_test_listen`): none.
+    Plain,
+}
+
 /// Serve one accepted TCP connection to the end.
 pub async fn serve(
     state: Arc<BrokerState>,
     tcp: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     cancel: CancellationToken,
 ) {
     let span = tracing::info_span!("conn", %peer);
     async move {
         let _ = tcp.set_nodelay(true);
-        let handshake = tokio::time::timeout(
-            state.settings.limits.handshake_timeout,
-            state.acceptor().accept(tcp),
-        );
-        let io = tokio::select! {
-            r = handshake => match r {
-                Ok(Ok(io)) => io,
-                Ok(Err(e)) => {
-                    state.metrics().tls_handshake_failures.inc();
-                    debug!(error = %e, "TLS handshake failed");
-                    return;
+        let io = match transport {
+            Transport::Plain => ClientIo::Plain(tcp),
+            Transport::Tls => {
+                let handshake = tokio::time::timeout(
+                    state.settings.limits.handshake_timeout,
+                    state.acceptor().accept(tcp),
+                );
+                tokio::select! {
+                    r = handshake => match r {
+                        Ok(Ok(io)) => ClientIo::Tls(io),
+                        Ok(Err(e)) => {
+                            state.metrics().tls_handshake_failures.inc();
+                            debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            state.metrics().tls_handshake_failures.inc();
+                            debug!("TLS handshake deadline passed");
+                            return;
+                        }
+                    },
+                    _ = cancel.cancelled() => return,
                 }
-                Err(_) => {
-                    state.metrics().tls_handshake_failures.inc();
-                    debug!("TLS handshake deadline passed");
-                    return;
-                }
-            },
-            _ = cancel.cancelled() => return,
+            }
         };
         let mut conn = Conn {
             io,

@@ -4,5 +4,6 @@ pub mod auth;
 pub mod basic;
 pub mod conn;
 pub mod head;
+pub mod io;
 pub mod lockout;
 pub mod status;

@@ -28,6 +28,8 @@ pub struct Stack {
     pub addr: SocketAddr,
     /// The admin API listener (its own port).
     pub admin: SocketAddr,
+    /// The plain test listener, when the settings ask for one.
+    pub plain: Option<SocketAddr>,
     pub state: Arc<BrokerState>,
     pub settings: BrokerSettings,
     stop: CancellationToken,
@@ -63,6 +65,7 @@ impl Stack {
         let broker = Broker::bind(settings.clone()).await.expect("broker binds");
         let addr = broker.local_addr();
         let admin = broker.admin_addr();
+        let plain = broker.plain_addr();
         let state = broker.state();
         let stop = CancellationToken::new();
         let s2 = stop.clone();
@@ -71,6 +74,7 @@ impl Stack {
             dir,
             addr,
             admin,
+            plain,
             state,
             settings,
             stop,
