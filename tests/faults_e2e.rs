@@ -240,6 +240,44 @@ async fn a_stalled_uplink_is_declared_dead_by_the_keepalive() {
     .expect("timed out");
 }
 
+/// The agent's side of a stalled link: its one-way heartbeats need no
+/// answer (and a frozen relay's kernel still acknowledges them), so what
+/// ends the link is the ping after them going unanswered, within
+/// `dead_after - ping_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_declares_a_stalled_link_dead_after_its_unanswered_ping() {
+    tokio::time::timeout(T, async {
+        let stack = Stack::start().await;
+        let token = stack.add_system("1234", "ipo1", true).await;
+        let (relay, freeze) = freezable_relay(stack.addr).await;
+        let mut s = stack.agent_settings(&token, stack::services(&[22]));
+        s.broker = format!("wss://localhost:{}/agent", relay.port());
+        s.broker_port = relay.port();
+        s.mux.ping_interval = Duration::from_millis(300);
+        s.mux.dead_after = Duration::from_millis(1500);
+        s.mux.beats_per_ping = 3;
+        let link = tokio::spawn(maintgate::agent::connect_and_serve(
+            Arc::new(s),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        stack.wait_agent("1234", "ipo1").await;
+        freeze.notify_one();
+        let frozen = Instant::now();
+        let end = link.await.unwrap().expect("the link was up");
+        let took = frozen.elapsed();
+        eprintln!("agent ended the stalled link after {took:?}: {end:?}");
+        assert!(matches!(end, maintgate::mux::SessionEnd::Dead), "{end:?}");
+        // Three heartbeats and a ping at 300 ms intervals of silence, then
+        // 1.2 s for the pong: 2.4 s after the last byte heard.
+        assert!(
+            took >= Duration::from_millis(2000) && took <= Duration::from_millis(5000),
+            "{took:?}"
+        );
+    })
+    .await
+    .expect("timed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_agents_come_back_after_a_broker_restart() {
     const N: usize = 200;
