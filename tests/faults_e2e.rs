@@ -173,6 +173,30 @@ async fn a_slow_reader_is_held_to_its_window_while_others_flow() {
     .expect("timed out");
 }
 
+/// One agent link (system 1234/ipo1, `token`) through a
+/// [`freezable_relay`], with `tune` applied to the agent's settings; up
+/// once this returns.
+async fn link_through_freezable_relay(
+    stack: &Stack,
+    token: &str,
+    tune: impl FnOnce(&mut maintgate::agent::AgentSettings),
+) -> (
+    tokio::task::JoinHandle<Result<maintgate::mux::SessionEnd, maintgate::agent::AgentError>>,
+    Arc<tokio::sync::Notify>,
+) {
+    let (relay, freeze) = freezable_relay(stack.addr).await;
+    let mut s = stack.agent_settings(token, stack::services(&[22]));
+    s.broker = format!("wss://localhost:{}/agent", relay.port());
+    s.broker_port = relay.port();
+    tune(&mut s);
+    let link = tokio::spawn(maintgate::agent::connect_and_serve(
+        Arc::new(s),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    stack.wait_agent("1234", "ipo1").await;
+    (link, freeze)
+}
+
 /// A TCP relay that can be frozen: it stops moving bytes either way
 /// without closing anything, like a stalled uplink.
 async fn freezable_relay(to: SocketAddr) -> (SocketAddr, Arc<tokio::sync::Notify>) {
@@ -206,16 +230,10 @@ async fn a_stalled_uplink_is_declared_dead_by_the_keepalive() {
         settings.mux.dead_after = Duration::from_millis(1500);
         let stack = Stack::start_with(dir, settings).await;
         let token = stack.add_system("1234", "ipo1", true).await;
-        let (relay, freeze) = freezable_relay(stack.addr).await;
-        let mut s = stack.agent_settings(&token, stack::services(&[22]));
-        s.broker = format!("wss://localhost:{}/agent", relay.port());
-        s.broker_port = relay.port();
-        s.reconnect_min = Duration::from_secs(600);
-        let link = tokio::spawn(maintgate::agent::connect_and_serve(
-            Arc::new(s),
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        stack.wait_agent("1234", "ipo1").await;
+        let (link, freeze) = link_through_freezable_relay(&stack, &token, |s| {
+            s.reconnect_min = Duration::from_secs(600);
+        })
+        .await;
         freeze.notify_one();
         let frozen = Instant::now();
         loop {
@@ -249,18 +267,12 @@ async fn an_agent_declares_a_stalled_link_dead_after_its_unanswered_ping() {
     tokio::time::timeout(T, async {
         let stack = Stack::start().await;
         let token = stack.add_system("1234", "ipo1", true).await;
-        let (relay, freeze) = freezable_relay(stack.addr).await;
-        let mut s = stack.agent_settings(&token, stack::services(&[22]));
-        s.broker = format!("wss://localhost:{}/agent", relay.port());
-        s.broker_port = relay.port();
-        s.mux.ping_interval = Duration::from_millis(300);
-        s.mux.dead_after = Duration::from_millis(1500);
-        s.mux.beats_per_ping = 3;
-        let link = tokio::spawn(maintgate::agent::connect_and_serve(
-            Arc::new(s),
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        stack.wait_agent("1234", "ipo1").await;
+        let (link, freeze) = link_through_freezable_relay(&stack, &token, |s| {
+            s.mux.ping_interval = Duration::from_millis(300);
+            s.mux.dead_after = Duration::from_millis(1500);
+            s.mux.beats_per_ping = 3;
+        })
+        .await;
         freeze.notify_one();
         let frozen = Instant::now();
         let end = link.await.unwrap().expect("the link was up");
