@@ -221,7 +221,8 @@ where
                         write_all_vectored(&mut wr, &batch)
                             .await
                             .map_err(|e| RelayEnd::LocalError(e.to_string()))?;
-                        batch.clear();
+                        // An idle tunnel keeps no batch buffer.
+                        batch = Vec::new();
                         if held.is_none() && inbound.is_empty() {
                             wr.flush()
                                 .await
