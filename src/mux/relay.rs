@@ -296,11 +296,17 @@ where
         if first == bufs.len() {
             return Ok(());
         }
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&bufs[first][offset..])
-            .chain(bufs[first + 1..].iter().map(|b| &b[..]))
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
+        // On the stack: at most MAX_WRITE_CHUNKS slices per call (the loop
+        // takes any further ones next time round).
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_WRITE_CHUNKS];
+        let parts =
+            std::iter::once(&bufs[first][offset..]).chain(bufs[first + 1..].iter().map(|b| &b[..]));
+        let mut k = 0;
+        for (slot, part) in slices.iter_mut().zip(parts) {
+            *slot = std::io::IoSlice::new(part);
+            k += 1;
+        }
+        let mut n = wr.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -398,8 +404,14 @@ mod tests {
         write_all_vectored(&mut wr, &[Bytes::new(), Bytes::new()])
             .await
             .unwrap();
+        // More chunks than one call takes.
+        let many: Vec<Bytes> = (0..20).map(|i| Bytes::from(format!("<{i}>"))).collect();
+        write_all_vectored(&mut wr, &many).await.unwrap();
         drop(wr);
-        assert_eq!(reader.await.unwrap(), b"hello vectored world");
+        let want: String = std::iter::once("hello vectored world".to_string())
+            .chain((0..20).map(|i| format!("<{i}>")))
+            .collect();
+        assert_eq!(reader.await.unwrap(), want.as_bytes());
     }
 
     #[test]
