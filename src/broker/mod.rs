@@ -75,7 +75,17 @@ pub const LOCK_FILE: &str = "broker.lock";
 /// are short transactions the broker notices).
 #[derive(Debug)]
 struct DataDirLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl Drop for DataDirLock {
+    /// Unlock explicitly: closing our descriptor alone leaves the lock held
+    /// while any copy of it lives, such as one a child process inherits
+    /// for the moment between its fork and its exec (seen in the tests,
+    /// which restart a broker in a process that also spawns clients).
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
 }
 
 impl DataDirLock {
@@ -112,7 +122,7 @@ impl DataDirLock {
                 // Some network and FUSE file systems have no locks: run,
                 // but say that the guard is off.
                 warn!(dir = %dir.display(), error = %e, "cannot lock the data directory here; make sure only one broker uses it");
-                return Ok(DataDirLock { _file: file });
+                return Ok(DataDirLock { file });
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
@@ -120,7 +130,7 @@ impl DataDirLock {
         let _ = file
             .set_len(0)
             .and_then(|()| write!(file, "pid {}", std::process::id()));
-        Ok(DataDirLock { _file: file })
+        Ok(DataDirLock { file })
     }
 }
 
