@@ -19,6 +19,7 @@ pub mod front;
 #[doc(hidden)]
 pub mod fuzz_logic;
 pub mod logsafe;
+pub mod logwriter;
 pub mod manage;
 pub mod memguard;
 pub mod metrics;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use maintgate::agent::{AgentOverrides, AgentSettings};
 use maintgate::broker::Broker;
 use maintgate::config::{read_toml, BrokerFile};
+use maintgate::logwriter;
 use maintgate::manage;
 use maintgate::store::{self, sqlite::SqliteStore};
 
@@ -122,18 +123,36 @@ enum Cmd {
     },
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr through [`logwriter`]: off the runtime's workers, in
+/// batches. The guard must live until the end of `main`: dropping it
+/// writes out what is pending.
+fn init_logs(format: LogFormat) -> Option<logwriter::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // rustls warns on every IP-literal SNI (proxytunnel sends one when
         // `-p` is an IP), which is normal for us.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        .with_ansi(ansi);
+    match logwriter::start(std::io::stderr(), logwriter::Limits::default()) {
+        Ok((writer, guard)) => {
+            let builder = builder.with_writer(move || writer.clone());
+            match format {
+                LogFormat::Human => builder.init(),
+                LogFormat::Json => builder.json().init(),
+            }
+            Some(guard)
+        }
+        // No thread for the writer: write from the logging thread.
+        Err(_) => {
+            let builder = builder.with_writer(std::io::stderr);
+            match format {
+                LogFormat::Human => builder.init(),
+                LogFormat::Json => builder.json().init(),
+            }
+            None
+        }
     }
 }
 
@@ -176,7 +195,7 @@ fn data_dir(cli: &Cli) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    let _logs = init_logs(cli.log_format);
     match &cli.cmd {
         Cmd::Serve {
             listen,
