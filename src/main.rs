@@ -14,6 +14,7 @@ use maintgate::config::{read_toml, BrokerFile};
 use maintgate::logwriter;
 use maintgate::manage;
 use maintgate::store::{self, sqlite::SqliteStore};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Parser)]
 #[command(
@@ -132,28 +133,20 @@ fn init_logs(format: LogFormat) -> Option<logwriter::LogGuard> {
         // `-p` is an IP), which is normal for us.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = match logwriter::start(std::io::stderr(), logwriter::Limits::default()) {
+        Ok((w, guard)) => (BoxMakeWriter::new(move || w.clone()), Some(guard)),
+        // No thread for the writer: write from the logging thread.
+        Err(_) => (BoxMakeWriter::new(std::io::stderr), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi);
-    match logwriter::start(std::io::stderr(), logwriter::Limits::default()) {
-        Ok((writer, guard)) => {
-            let builder = builder.with_writer(move || writer.clone());
-            match format {
-                LogFormat::Human => builder.init(),
-                LogFormat::Json => builder.json().init(),
-            }
-            Some(guard)
-        }
-        // No thread for the writer: write from the logging thread.
-        Err(_) => {
-            let builder = builder.with_writer(std::io::stderr);
-            match format {
-                LogFormat::Human => builder.init(),
-                LogFormat::Json => builder.json().init(),
-            }
-            None
-        }
+        .with_ansi(ansi)
+        .with_writer(writer);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 async fn shutdown_signal() {
